@@ -1,0 +1,281 @@
+"""MVTec AD layout: find the images, read them strictly, split them, and cache them as arrays.
+
+Layout of one category (as MVTec AD ships it)::
+
+    <root>/<category>/train/good/*.png
+    <root>/<category>/test/good/*.png
+    <root>/<category>/test/<defect_type>/*.png
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (optional per image)
+
+Images may be PNG, JPEG or BMP, RGB or single-channel (made 3-channel), 8 or 16 bit, of different sizes.
+Anything unreadable stops with a :class:`DataError` naming the file; nothing is skipped or replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aead import io
+from aead.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+MANIFEST_COLUMNS = ("index", "path", "category", "defect_type", "label", "mask_path")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of the data set. ``label`` is 0 for good, 1 for anomalous; ``mask_path`` may be None."""
+
+    path: str
+    category: str
+    defect_type: str
+    label: int
+    mask_path: str | None = None
+
+
+@dataclass
+class Split:
+    """One split as cached by prepare-split: its samples and their resized images (N, H, W, 3) uint8."""
+
+    samples: list[Sample]
+    images: np.ndarray
+    masks: np.ndarray | None = None
+
+    def select(self, categories: Sequence[str]) -> Split:
+        """The rows of the given categories (the whole split when ``categories`` covers all)."""
+        keep = [i for i, s in enumerate(self.samples) if s.category in set(categories)]
+        if len(keep) == len(self.samples):
+            return self
+        idx = np.asarray(keep, dtype=np.int64)
+        return Split(
+            samples=[self.samples[i] for i in keep],
+            images=self.images[idx],
+            masks=None if self.masks is None else self.masks[idx],
+        )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files in ``folder``, sorted by name. Hidden files (``.DS_Store`` …) are ignored;
+    any other non-image file stops with an error naming it."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: expected a folder of images, but it does not exist")
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    others = [p for p in files if p.is_dir() or p.suffix.lower() not in IMAGE_EXTENSIONS]
+    if others:
+        raise DataError(
+            f"{others[0]}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)}); "
+            f"remove it from {folder} or move it out of the data set"
+        )
+    return files
+
+
+def scan_category(root: Path, category: str) -> tuple[list[Sample], list[Sample]]:
+    """All training (good) and test samples of one category, with their masks where present."""
+    cat_dir = root / category
+    if not cat_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+        raise DataError(
+            f"data.categories: category '{category}' not found: {cat_dir} does not exist "
+            f"(categories under {root}: {', '.join(found) or 'none'})"
+        )
+    train_files = list_images(cat_dir / "train" / "good")
+    if not train_files:
+        raise DataError(f"{cat_dir / 'train' / 'good'}: no training images (expected defect-free images here)")
+    train = [Sample(str(p), category, "good", 0) for p in train_files]
+
+    test_dir = cat_dir / "test"
+    if not test_dir.is_dir():
+        raise DataError(f"{test_dir}: expected a test folder with good/ and one folder per defect type")
+    gt_dir = cat_dir / "ground_truth"
+    test: list[Sample] = []
+    defect_types = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    stray = sorted(p.name for p in test_dir.iterdir() if not p.is_dir() and not p.name.startswith("."))
+    if stray:
+        raise DataError(f"{test_dir / stray[0]}: expected only folders (good/ and one per defect type) in {test_dir}")
+    for defect in defect_types:
+        files = list_images(test_dir / defect)
+        masks = _masks_by_stem(gt_dir / defect) if defect != "good" else {}
+        stems = {p.stem for p in files}
+        orphans = sorted(set(masks) - stems)
+        if orphans:
+            raise DataError(f"{masks[orphans[0]]}: a mask without an image (no {test_dir / defect / orphans[0]}.*)")
+        for p in files:
+            mask = masks.get(p.stem)
+            test.append(Sample(str(p), category, defect, 0 if defect == "good" else 1, str(mask) if mask else None))
+    if not test:
+        raise DataError(f"{test_dir}: no test images")
+    return train, test
+
+
+def _masks_by_stem(folder: Path) -> dict[str, Path]:
+    """Masks named ``<image stem>_mask.<ext>`` in ``folder`` (which may not exist: no masks then)."""
+    if not folder.is_dir():
+        return {}
+    out: dict[str, Path] = {}
+    for p in list_images(folder):
+        if not p.stem.endswith("_mask"):
+            raise DataError(f"{p}: expected mask files named <image stem>_mask.png in {folder}")
+        out[p.stem[: -len("_mask")]] = p
+    return out
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image fully into (H, W, 3) uint8 RGB.
+
+    Grayscale becomes 3 equal channels, 16-bit is scaled to 8 bit, palette images are expanded, the alpha
+    channel of RGBA/LA is dropped. Empty, truncated or non-image files raise :class:`DataError`.
+    """
+    path = Path(path)
+    img = _open(path)
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode != "I" or arr.max() > 255 else 255.0
+        gray = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if mode == "F":
+        raise DataError(f"{path}: floating-point images are not supported (expected 8- or 16-bit)")
+    if mode in ("L", "1", "LA"):
+        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """Decode a mask into (H, W) bool: pixels above half of the maximum value (tolerates JPEG noise and
+    masks saved as 0/1 or 0/255). Its size must equal the image's ``shape`` (H, W)."""
+    path = Path(path)
+    arr = read_image(path).max(axis=2)
+    if arr.shape != tuple(shape):
+        raise DataError(
+            f"{path}: mask is {arr.shape[1]}x{arr.shape[0]} pixels but its image is {shape[1]}x{shape[0]}; "
+            "expected the same size"
+        )
+    top = int(arr.max())
+    return arr > (top / 2.0) if top > 0 else np.zeros(arr.shape, dtype=bool)
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), expected an image")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode image ({err}); the file is damaged or not an image") from err
+    if img.width < 1 or img.height < 1:
+        raise DataError(f"{path}: image has no pixels")
+    return img
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to (size, size, 3) with antialiased bilinear filtering."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a bool mask to (size, size) by area averaging, keeping pixels at least half covered."""
+    if mask.shape == (size, size):
+        return mask
+    as_float = Image.fromarray(mask.astype(np.float32))
+    return np.asarray(as_float.resize((size, size), Image.Resampling.BILINEAR)) >= 0.5
+
+
+def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read, check and resize one sample's image and (if it has one) its mask."""
+    image = read_image(sample.path)
+    mask = None
+    if sample.mask_path:
+        mask = resize_mask(read_mask(sample.mask_path, image.shape[:2]), size)
+    return resize_image(image, size), mask
+
+
+def split_train_val(train: list[Sample], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``val_fraction`` of each category's good training images for validation (seeded).
+
+    The draw for a category depends only on the seed and the category's name, so adding a category does
+    not change the split of the others.
+    """
+    if len(train) < 2:
+        raise DataError(
+            f"{Path(train[0].path).parent if train else 'train/good'}: need at least 2 training images "
+            "(one for training, one for validation)"
+        )
+    category = train[0].category
+    n_val = min(len(train) - 1, max(1, round(val_fraction * len(train))))
+    rng = np.random.default_rng([seed, zlib.crc32(category.encode())])
+    val_idx = set(rng.permutation(len(train))[:n_val].tolist())
+    return (
+        [s for i, s in enumerate(train) if i not in val_idx],
+        [s for i, s in enumerate(train) if i in val_idx],
+    )
+
+
+def load_split(samples: list[Sample], size: int, with_masks: bool, workers: int = 4,
+               progress: Callable[[int, int], None] | None = None) -> Split:
+    """Decode and resize all ``samples`` (in parallel threads) into one array."""
+    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    masks = np.zeros((len(samples), size, size), dtype=np.uint8) if with_masks else None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, (image, mask) in enumerate(pool.map(lambda s: load_sample(s, size), samples)):
+            images[i] = image
+            if masks is not None and mask is not None:
+                masks[i] = mask
+            if progress:
+                progress(i + 1, len(samples))
+    return Split(samples, images, masks)
+
+
+def write_split(folder: Path, name: str, split: Split) -> None:
+    """Write ``<name>.csv`` (manifest), ``<name>.npy`` (images) and for test ``<name>_masks.npy``."""
+    rows = [
+        {"index": i, "path": s.path, "category": s.category, "defect_type": s.defect_type,
+         "label": s.label, "mask_path": s.mask_path or ""}
+        for i, s in enumerate(split.samples)
+    ]
+    io.write_csv(folder / f"{name}.csv", rows, MANIFEST_COLUMNS)
+    io.write_npy(folder / f"{name}.npy", split.images)
+    if split.masks is not None:
+        io.write_npy(folder / f"{name}_masks.npy", split.masks)
+
+
+def read_split(folder: str | Path, name: str, mmap: bool = True) -> Split:
+    """Read a split written by :func:`write_split` (arrays memory-mapped by default)."""
+    folder = Path(folder)
+    manifest = folder / f"{name}.csv"
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: split manifest not found; run the prepare-split stage first (dvc repro)")
+    rows = io.read_csv(manifest)
+    if not rows or list(rows[0]) != list(MANIFEST_COLUMNS):
+        raise DataError(f"{manifest}: expected a manifest with columns {', '.join(MANIFEST_COLUMNS)}")
+    samples = [Sample(r["path"], r["category"], r["defect_type"], int(r["label"]), r["mask_path"] or None) for r in rows]
+    mode = "r" if mmap else None
+    images = np.load(folder / f"{name}.npy", mmap_mode=mode)
+    if images.shape[0] != len(samples):
+        raise DataError(f"{folder / (name + '.npy')}: holds {images.shape[0]} images but {manifest} lists {len(samples)}")
+    mask_file = folder / f"{name}_masks.npy"
+    masks = np.load(mask_file, mmap_mode=mode) if mask_file.is_file() else None
+    return Split(samples, images, masks)
+
+
+def manifest_digest(folder: str | Path, name: str) -> str:
+    """SHA-256 of a split's manifest: recorded in checkpoints to tie a model to the data it saw."""
+    return hashlib.sha256((Path(folder) / f"{name}.csv").read_bytes()).hexdigest()
+
+
+def categories_of(samples: Sequence[Sample]) -> list[str]:
+    """Categories in order of first appearance."""
+    return list(dict.fromkeys(s.category for s in samples))

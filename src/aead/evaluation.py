@@ -1,0 +1,231 @@
+"""The evaluation stages: score the test split with the trained checkpoints, per model and category.
+
+``l1``: per-pixel L1 error (mean over channels), Gaussian-smoothed for localisation.
+``ssim``: 1 - SSIM on grayscale with a Gaussian window, then Gaussian smoothing (the seed's heatmaps).
+Only the test manifest from prepare-split and the checkpoints are used; nothing is trained here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from aead import maps, metrics
+from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from aead.data import Sample, Split, categories_of, read_split
+from aead.errors import DataError
+from aead.params import MODEL_NAMES, Params
+from aead.training import configure_threads, select_device, to_float, to_tensor
+
+Method = Literal["l1", "ssim"]
+SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
+Log = Callable[[str], None]
+
+
+@dataclass
+class CategoryResult:
+    """Scores and maps of one model on one category's test images."""
+
+    samples: list[Sample]
+    labels: np.ndarray
+    scores: dict[str, np.ndarray]
+    maps: np.ndarray
+    masks: np.ndarray | None
+    has_mask: np.ndarray
+    recon: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    """Everything the stage writes: metrics and the rows of each plot file."""
+
+    metrics: dict[str, Any]
+    roc_rows: list[dict[str, Any]] = field(default_factory=list)
+    pr_rows: list[dict[str, Any]] = field(default_factory=list)
+    category_rows: list[dict[str, Any]] = field(default_factory=list)
+    score_rows: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, dict[str, CategoryResult]] = field(default_factory=dict)
+
+
+def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float) -> Tensor:
+    """(N, H, W) anomaly map of a batch: smoothed L1 error or smoothed 1 - SSIM."""
+    if method == "l1":
+        return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
+    return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
+
+
+@torch.inference_mode()
+def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Params, device: torch.device,
+                keep_recon: np.ndarray | None = None) -> CategoryResult:
+    """Reconstruct every image of ``split`` in batches and compute maps and image scores.
+
+    ``keep_recon``: indices of images whose reconstruction is kept (for heatmap panels).
+    """
+    ev = params.evaluate
+    n, size = len(split.samples), split.images.shape[1]
+    out_maps = np.empty((n, size, size), dtype=np.float32)
+    scores = {k: np.empty(n, dtype=np.float64) for k in SCORE_NAMES}
+    keep = set() if keep_recon is None else set(int(i) for i in keep_recon)
+    recon_kept: dict[int, np.ndarray] = {}
+    model = checkpoint.model
+    for s in range(0, n, ev.batch_size):
+        x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
+        recon = model(x).float()
+        amap = anomaly_maps(method, x, recon, ev.smooth_sigma, ev.ssim_window_sigma)
+        # the map is already smoothed: score it as is (sigma 0 for 'max')
+        batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
+        for k in SCORE_NAMES:
+            scores[k][s : s + len(x)] = batch_scores[k].double().cpu().numpy()
+        out_maps[s : s + len(x)] = amap.cpu().numpy()
+        for j in range(len(x)):
+            if s + j in keep:
+                recon_kept[s + j] = (recon[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    labels = np.array([smp.label for smp in split.samples], dtype=np.int64)
+    has_mask = np.array([smp.label == 0 or smp.mask_path is not None for smp in split.samples], dtype=bool)
+    masks = None if split.masks is None else np.asarray(split.masks, dtype=bool)
+    return CategoryResult(split.samples, labels, scores, out_maps, masks, has_mask, recon_kept)
+
+
+def category_metrics(result: CategoryResult, image_score: str, category: str, log: Log) -> dict[str, Any]:
+    """Image- and pixel-level metrics of one category; undefined ones are None, with the reason logged."""
+    labels = result.labels
+    headline = result.scores[image_score]
+    n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
+    out: dict[str, Any] = {"n_good": n_good, "n_anomalous": n_bad}
+    if n_good == 0 or n_bad == 0:
+        missing = "anomalous" if n_bad == 0 else "good"
+        out["note"] = f"no {missing} test images: image AUROC, PR-AUC and F1 are undefined"
+        log(f"warning: category '{category}' has no {missing} test images; image AUROC is undefined (null)")
+    out["image_auroc"] = metrics.auroc(labels, headline)
+    out["pr_auc"] = metrics.average_precision(labels, headline)
+    if n_good and n_bad:
+        f1, thr = metrics.f1_max(labels, headline)
+        out["f1_max"], out["threshold"] = float(f1), float(thr)
+    else:
+        out["f1_max"], out["threshold"] = None, None
+    out["image_auroc_by_score"] = {k: metrics.auroc(labels, v) for k, v in result.scores.items()}
+    out["mean_score_good"] = float(headline[labels == 0].mean()) if n_good else None
+    out["mean_score_anomalous"] = float(headline[labels == 1].mean()) if n_bad else None
+    sel = result.has_mask
+    n_masked = int((sel & (labels == 1)).sum())
+    out["n_anomalous_with_mask"] = n_masked
+    if n_masked < n_bad:
+        log(f"note: category '{category}': {n_bad - n_masked} of {n_bad} anomalous images have no mask; "
+            "pixel metrics use the others")
+    if result.masks is not None and n_masked > 0:
+        m, a = result.masks[sel], result.maps[sel]
+        out["pixel_auroc"] = metrics.pixel_auroc(m, a)
+        out["aupro"] = metrics.aupro(m, a)
+    else:
+        out["pixel_auroc"], out["aupro"] = None, None
+    return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def evaluate(params: Params, method: Method, models_root: Path, log: Log = print,
+             heatmap_indices: Callable[[list[Sample]], np.ndarray] | None = None) -> Evaluation:
+    """Score the test split with both models' checkpoints and compute all metrics and plot rows."""
+    configure_threads(params.model.num_threads)
+    device = select_device(params.model.device)
+    prepared = Path(params.data.prepared_dir)
+    test = read_split(prepared, "test")
+    size = params.data.image_size
+    if test.images.shape[1:] != (size, size, 3):
+        raise DataError(f"{prepared / 'test.npy'}: cached images are not {size}x{size}; rerun prepare-split")
+    cats = [c for c in params.data.categories if c in categories_of(test.samples)]
+    missing = sorted(set(params.data.categories) - set(cats))
+    if missing:
+        raise DataError(f"{prepared / 'test.csv'}: no test images for {', '.join(missing)}; rerun prepare-split")
+    score = params.evaluate.image_score
+    ev = Evaluation(metrics={"method": method, "image_score": score})
+    for model_name in MODEL_NAMES:
+        model_dir = models_root / model_name
+        per_cat: dict[str, Any] = {}
+        ev.results[model_name] = {}
+        pooled_labels, pooled_scores = [], []
+        for cat in cats:
+            ckpt = load_checkpoint(find_checkpoint(model_dir, cat), device, expect_model=model_name,
+                                   expect_image_size=size)
+            split = test.select([cat])
+            keep = heatmap_indices(split.samples) if heatmap_indices else None
+            log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")
+            result = score_split(ckpt, split, method, params, device, keep_recon=keep)
+            ev.results[model_name][cat] = result
+            per_cat[cat] = category_metrics(result, score, cat, log)
+            pooled_labels.append(result.labels)
+            pooled_scores.append(result.scores[score])
+            _append_rows(ev, model_name, cat, result, per_cat[cat], score, params.evaluate.curve_points)
+        labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
+        summary = {
+            "image_auroc": _mean([m["image_auroc"] for m in per_cat.values()]),
+            "image_auroc_pooled": metrics.auroc(labels, scores),
+            "pr_auc": _mean([m["pr_auc"] for m in per_cat.values()]),
+            "f1_max": _mean([m["f1_max"] for m in per_cat.values()]),
+            "pixel_auroc": _mean([m["pixel_auroc"] for m in per_cat.values()]),
+            "aupro": _mean([m["aupro"] for m in per_cat.values()]),
+            "image_auroc_by_score": {
+                k: _mean([m["image_auroc_by_score"][k] for m in per_cat.values()]) for k in SCORE_NAMES
+            },
+            "mean_score_good": float(scores[labels == 0].mean()) if (labels == 0).any() else None,
+            "mean_score_anomalous": float(scores[labels == 1].mean()) if (labels == 1).any() else None,
+            "categories": per_cat,
+        }
+        ev.metrics[model_name] = summary
+        log(f"[{method}] {model_name}: image AUROC {_fmt(summary['image_auroc'])}  pixel AUROC "
+            f"{_fmt(summary['pixel_auroc'])}  AUPRO {_fmt(summary['aupro'])}")
+    return ev
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _append_rows(ev: Evaluation, model: str, cat: str, result: CategoryResult, m: dict[str, Any], score: str,
+                 points: int) -> None:
+    labels, s = result.labels, result.scores[score]
+    if m["image_auroc"] is not None:
+        fpr, tpr, _ = metrics.roc_curve(labels, s)
+        fx, fy = metrics.thin_curve(fpr, tpr, points)
+        ev.roc_rows += [{"model": model, "category": cat, "fpr": a, "tpr": b} for a, b in zip(fx, fy)]
+        precision, recall, _ = metrics.precision_recall_curve(labels, s)
+        rx, ry = metrics.thin_curve(recall, precision, points)
+        ev.pr_rows += [{"model": model, "category": cat, "recall": a, "precision": b} for a, b in zip(rx, ry)]
+    ev.category_rows.append({
+        "model": model, "category": cat,
+        "image_auroc": _csv(m["image_auroc"]), "pr_auc": _csv(m["pr_auc"]),
+        "pixel_auroc": _csv(m["pixel_auroc"]), "aupro": _csv(m["aupro"]),
+    })
+    for i, smp in enumerate(result.samples):
+        ev.score_rows.append({
+            "path": smp.path, "category": cat, "defect_type": smp.defect_type, "label": smp.label, "model": model,
+            **{k: float(result.scores[k][i]) for k in SCORE_NAMES},
+        })
+
+
+def _csv(value: float | None) -> Any:
+    return "" if value is None else value
+
+
+def heatmap_picker(per_type: int) -> Callable[[list[Sample]], np.ndarray]:
+    """Choose the first ``per_type`` test images of each defect type (and of good) for heatmap panels."""
+
+    def pick(samples: list[Sample]) -> np.ndarray:
+        chosen: list[int] = []
+        seen: dict[str, int] = {}
+        for i, smp in enumerate(samples):
+            if seen.get(smp.defect_type, 0) < per_type:
+                seen[smp.defect_type] = seen.get(smp.defect_type, 0) + 1
+                chosen.append(i)
+        return np.asarray(chosen, dtype=np.int64)
+
+    return pick

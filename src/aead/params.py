@@ -1,0 +1,260 @@
+"""Read and validate params.yaml once, into typed, frozen sections.
+
+Every key is checked: an unknown key (a typo), a missing key, a value of the wrong type or out of range
+stops with a :class:`ParamsError` that names the key as ``section.key`` and says what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aead.errors import ParamsError
+
+ModelName = Literal["baseline", "multiscale"]
+MODEL_NAMES: tuple[str, ...] = ("baseline", "multiscale")
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded synthetic data set (stage ``synthesize``)."""
+
+    root: str
+    categories: tuple[str, ...]
+    image_size: int
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    seed: int
+
+    def check(self) -> None:
+        _positive_multiple_of_8("synthetic.image_size", self.image_size)
+        _at_least("synthetic.n_train", self.n_train, 2)
+        _at_least("synthetic.n_test_good", self.n_test_good, 1)
+        _at_least("synthetic.n_test_defect", self.n_test_defect, 1)
+        _non_empty_unique("synthetic.categories", self.categories)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the MVTec-layout data lives and how it is split and resized (stage ``prepare-split``)."""
+
+    root: str
+    categories: tuple[str, ...]
+    image_size: int
+    val_fraction: float
+    seed: int
+    prepared_dir: str
+
+    def check(self) -> None:
+        _positive_multiple_of_8("data.image_size", self.image_size)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ParamsError(f"data.val_fraction: expected a number strictly between 0 and 1, got {self.val_fraction!r}")
+        _non_empty_unique("data.categories", self.categories)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Training hyperparameters shared by both training stages."""
+
+    per_category: bool
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    lr_factor: float
+    lr_patience: int
+    grad_clip: float
+    corruption: Literal["none", "perlin", "cutpaste", "erase", "mixed"]
+    corruption_probability: float
+    ssim_weight: float
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    num_threads: int
+
+    def check(self) -> None:
+        _at_least("model.epochs", self.epochs, 1)
+        _at_least("model.batch_size", self.batch_size, 1)
+        _at_least("model.patience", self.patience, 1)
+        _at_least("model.lr_patience", self.lr_patience, 0)
+        _at_least("model.num_threads", self.num_threads, 0)
+        if not self.lr > 0:
+            raise ParamsError(f"model.lr: expected a positive number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ParamsError(f"model.weight_decay: expected a number >= 0, got {self.weight_decay!r}")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise ParamsError(f"model.lr_factor: expected a number strictly between 0 and 1, got {self.lr_factor!r}")
+        if not 0.0 <= self.corruption_probability <= 1.0:
+            raise ParamsError(
+                f"model.corruption_probability: expected a number from 0 to 1, got {self.corruption_probability!r}"
+            )
+        if self.ssim_weight < 0:
+            raise ParamsError(f"model.ssim_weight: expected a number >= 0, got {self.ssim_weight!r}")
+        if self.grad_clip < 0:
+            raise ParamsError(f"model.grad_clip: expected a number >= 0 (0 turns clipping off), got {self.grad_clip!r}")
+
+
+@dataclass(frozen=True)
+class ArchParams:
+    """Architecture width of one autoencoder."""
+
+    base_channels: int
+
+    def check(self, section: str) -> None:
+        _at_least(f"{section}.base_channels", self.base_channels, 1)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Scoring and reporting options of the evaluation stages."""
+
+    image_score: Literal["mean", "top1", "max"]
+    smooth_sigma: float
+    ssim_window_sigma: float
+    batch_size: int
+    heatmaps_per_type: int
+    curve_points: int
+
+    def check(self) -> None:
+        if self.smooth_sigma < 0:
+            raise ParamsError(f"evaluate.smooth_sigma: expected a number >= 0, got {self.smooth_sigma!r}")
+        if not self.ssim_window_sigma > 0:
+            raise ParamsError(f"evaluate.ssim_window_sigma: expected a positive number, got {self.ssim_window_sigma!r}")
+        _at_least("evaluate.batch_size", self.batch_size, 1)
+        _at_least("evaluate.heatmaps_per_type", self.heatmaps_per_type, 0)
+        _at_least("evaluate.curve_points", self.curve_points, 10)
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml."""
+
+    synthetic: SyntheticParams
+    data: DataParams
+    model: ModelParams
+    baseline: ArchParams
+    multiscale: ArchParams
+    evaluate: EvaluateParams
+    source: Path = field(default=Path("params.yaml"), compare=False)
+
+    def arch(self, model: str) -> ArchParams:
+        """The architecture section of ``model`` (``baseline`` or ``multiscale``)."""
+        if model not in MODEL_NAMES:
+            raise ParamsError(f"unknown model {model!r}: expected one of {', '.join(MODEL_NAMES)}")
+        return getattr(self, model)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read ``path`` and validate every section and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    return parse_params(raw, source=path)
+
+
+def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
+    """Validate a params mapping (as read from YAML) and build :class:`Params`."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Params)
+    sections = {f.name for f in dataclasses.fields(Params) if f.name != "source"}
+    unknown = sorted(set(raw) - sections)
+    if unknown:
+        raise ParamsError(f"{source}: unknown section(s) {', '.join(unknown)}; expected {', '.join(sorted(sections))}")
+    built: dict[str, Any] = {}
+    for name in sections:
+        if name not in raw:
+            raise ParamsError(f"{source}: missing section '{name}'")
+        built[name] = _build_section(name, hints[name], raw[name], source)
+    params = Params(**built, source=source)
+    params.synthetic.check()
+    params.data.check()
+    params.model.check()
+    params.baseline.check("baseline")
+    params.multiscale.check("multiscale")
+    params.evaluate.check()
+    return params
+
+
+def _build_section(name: str, cls: type, raw: Any, source: Path) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ParamsError(
+            f"{source}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+            f"section '{name}' takes {', '.join(keys)}"
+        )
+    values = {}
+    for key in keys:
+        if key not in raw:
+            raise ParamsError(f"{source}: missing key '{name}.{key}'")
+        values[key] = _coerce(f"{name}.{key}", hints[key], raw[key])
+    return cls(**values)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; YAML's '1e-3' strings are accepted as floats."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ParamsError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ParamsError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation for {key}: {hint}")
+
+
+def _positive_multiple_of_8(key: str, value: int) -> None:
+    if value < 8 or value % 8:
+        raise ParamsError(f"{key}: expected a positive multiple of 8 (the autoencoders downsample 3 times), got {value}")
+
+
+def _at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ParamsError(f"{key}: expected a whole number >= {minimum}, got {value}")
+
+
+def _non_empty_unique(key: str, values: tuple[str, ...]) -> None:
+    if not values:
+        raise ParamsError(f"{key}: expected a non-empty list of category names")
+    dupes = sorted({v for v in values if values.count(v) > 1})
+    if dupes:
+        raise ParamsError(f"{key}: category listed more than once: {', '.join(dupes)}")

@@ -1,0 +1,89 @@
+"""Figures: the model comparison (like the seed's model_comparison.png) and per-image heatmap panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from aead import io  # noqa: E402
+
+
+def comparison_figure(path: Path, evaluation_metrics: dict[str, Any], results: dict[str, dict[str, Any]],
+                      score: str, title: str) -> None:
+    """Score distributions (good vs anomalous) per model, per-category AUROC bars, and a metrics table."""
+    models = [m for m in results if m in evaluation_metrics]
+    fig = plt.figure(figsize=(5 * len(models) + 6, 8.5))
+    grid = fig.add_gridspec(2, len(models) + 1, height_ratios=[1.2, 1])
+    for i, model in enumerate(models):
+        ax = fig.add_subplot(grid[0, i])
+        good = np.concatenate([r.scores[score][r.labels == 0] for r in results[model].values()])
+        bad = np.concatenate([r.scores[score][r.labels == 1] for r in results[model].values()])
+        bins = np.histogram_bin_edges(np.concatenate([good, bad]), bins=30)
+        ax.hist(good, bins=bins, alpha=0.6, label=f"good (n={good.size})", color="tab:green")
+        ax.hist(bad, bins=bins, alpha=0.6, label=f"anomalous (n={bad.size})", color="tab:red")
+        ax.set_title(f"{model}: '{score}' score")
+        ax.set_xlabel("image score (pooled over categories)")
+        ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[0, len(models)])
+    cats = list(next(iter(results.values())))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        vals = [evaluation_metrics[model]["categories"][c]["image_auroc"] for c in cats]
+        ax.bar(np.arange(len(cats)) + i * width, [np.nan if v is None else v for v in vals], width, label=model)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(np.arange(len(cats)) + width * (len(models) - 1) / 2, cats, rotation=30)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("image AUROC per category")
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(grid[1, :])
+    ax.axis("off")
+    keys = ["image_auroc", "image_auroc_pooled", "pr_auc", "f1_max", "pixel_auroc", "aupro",
+            "mean_score_good", "mean_score_anomalous"]
+    cells = [[_fmt(evaluation_metrics[m].get(k)) for k in keys] for m in models]
+    table = ax.table(cellText=cells, rowLabels=models, colLabels=keys, loc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    io.save_figure(path, fig, dpi=90)
+    plt.close(fig)
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def heatmap_panel(path: Path, image: np.ndarray, recon: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
+                  title: str, vmax: float) -> None:
+    """One PNG: input, reconstruction, anomaly map, map over input, ground-truth mask."""
+    fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    axes[1].imshow(recon)
+    axes[1].set_title("reconstruction")
+    im = axes[2].imshow(amap, cmap="jet", vmin=0, vmax=vmax)
+    axes[2].set_title("anomaly map")
+    fig.colorbar(im, ax=axes[2], fraction=0.046)
+    axes[3].imshow(image)
+    axes[3].imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
+    axes[3].set_title("overlay")
+    if mask is not None:
+        axes[4].imshow(mask, cmap="gray", vmin=0, vmax=1)
+        axes[4].set_title("ground truth")
+    else:
+        axes[4].text(0.5, 0.5, "no mask", ha="center", va="center")
+        axes[4].set_title("ground truth")
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    io.save_figure(path, fig, dpi=72)
+    plt.close(fig)

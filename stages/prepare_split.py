@@ -1,0 +1,23 @@
+"""Stage prepare-split: manifests and cached arrays for train / val / test (params: data.*)."""
+
+import argparse
+
+from aead import io
+from aead.cli import log, run_stage
+from aead.params import load_params
+from aead.prepare import prepare_split
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", default="metrics/prepare-split.json")
+    parser.add_argument("--plot", default="plots/split-counts.csv")
+    args = parser.parse_args()
+    metrics, rows = prepare_split(load_params(args.params).data, log=log)
+    io.write_json(args.metrics, metrics)
+    io.write_csv(args.plot, rows, ["category", "split", "count"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the repository root, the committed params, and small MVTec-layout folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def raw_params() -> dict:
+    """params.yaml as committed, as a plain mapping (tests modify a copy)."""
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def save(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+@pytest.fixture
+def odd_dataset(tmp_path: Path) -> Path:
+    """A tiny real-world-like MVTec folder: grayscale PNG, RGB JPEG and BMP of different sizes,
+    one defect image without a mask, masks stored with values 0/1 and one as JPEG-ish noisy 0/255."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "odd"
+    cat = root / "widget"
+    for i, (h, w) in enumerate([(40, 48), (56, 56), (48, 40), (64, 64), (40, 40), (50, 60)]):
+        gray = (rng.random((h, w)) * 80 + 90).astype(np.uint8)
+        save(cat / "train" / "good" / f"{i:03d}.png", gray)
+    save(cat / "train" / "good" / "006.jpg", (rng.random((48, 48, 3)) * 80 + 90).astype(np.uint8), quality=95)
+    save(cat / "train" / "good" / "007.bmp", (rng.random((48, 48, 3)) * 80 + 90).astype(np.uint8))
+    save(cat / "test" / "good" / "000.png", (rng.random((40, 48)) * 80 + 90).astype(np.uint8))
+    save(cat / "test" / "good" / "001.png", (rng.random((52, 52)) * 80 + 90).astype(np.uint8))
+    for i, (h, w) in enumerate([(40, 48), (60, 60)]):
+        img = (rng.random((h, w)) * 80 + 90).astype(np.uint8)
+        img[10:20, 10:20] = 250
+        save(cat / "test" / "scratch" / f"{i:03d}.png", img)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[10:20, 10:20] = 1 if i == 0 else 255
+        if i == 1:
+            mask = np.clip(mask.astype(int) + rng.integers(0, 20, mask.shape), 0, 255).astype(np.uint8)
+        save(cat / "ground_truth" / "scratch" / f"{i:03d}_mask.png", mask)
+    unmasked = (rng.random((44, 44)) * 80 + 90).astype(np.uint8)
+    unmasked[5:9, 5:30] = 10
+    save(cat / "test" / "scratch" / "002.png", unmasked)
+    return root

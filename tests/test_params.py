@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from aead.errors import ParamsError
+from aead.params import load_params, parse_params
+
+
+def test_committed_params_are_valid(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.data.image_size % 8 == 0
+    assert params.arch("baseline").base_channels >= 1
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "lrr", 0.1, "model.lrr"),
+        ("model", "lr", "fast", "model.lr: expected a number"),
+        ("model", "lr", -1.0, "model.lr: expected a positive number"),
+        ("model", "epochs", 2.5, "model.epochs: expected a whole number"),
+        ("model", "epochs", 0, "model.epochs: expected a whole number >= 1"),
+        ("model", "per_category", "yes", "model.per_category: expected true or false"),
+        ("model", "device", "tpu", "model.device: expected one of"),
+        ("data", "image_size", 100, "data.image_size: expected a positive multiple of 8"),
+        ("data", "image_size", 0, "data.image_size: expected a positive multiple of 8"),
+        ("data", "image_size", -64, "data.image_size"),
+        ("data", "val_fraction", 1.0, "data.val_fraction"),
+        ("data", "categories", [], "data.categories"),
+        ("data", "categories", "bottle", "data.categories: expected a list"),
+        ("data", "categories", ["a", "a"], "more than once"),
+        ("evaluate", "image_score", "median", "evaluate.image_score"),
+        ("baseline", "base_channels", 0, "baseline.base_channels"),
+    ],
+)
+def test_bad_values_name_the_key(raw_params, section, key, value, message):
+    bad = copy.deepcopy(raw_params)
+    bad[section][key] = value
+    with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_params(bad)
+
+
+def test_missing_key_and_unknown_section(raw_params):
+    bad = copy.deepcopy(raw_params)
+    del bad["model"]["lr"]
+    with pytest.raises(ParamsError, match=r"missing key 'model\.lr'"):
+        parse_params(bad)
+    bad = copy.deepcopy(raw_params)
+    bad["modle"] = {}
+    with pytest.raises(ParamsError, match="unknown section"):
+        parse_params(bad)
+
+
+def test_scientific_notation_string_is_a_float(raw_params):
+    ok = copy.deepcopy(raw_params)
+    ok["model"]["lr"] = "1e-4"
+    assert parse_params(ok).model.lr == pytest.approx(1e-4)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    broken = tmp_path / "p.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(broken)

@@ -1,0 +1,108 @@
+"""End to end: the real `dvc repro`, `dvc exp run`, `dvc metrics diff` and `dvc plots show` on tiny params,
+in a temporary git repository holding a copy of this project."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvc/plots", ".dvc/.gitignore"]
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def tiny_params(raw: dict) -> dict:
+    raw["synthetic"].update(image_size=32, n_train=6, n_test_good=2, n_test_defect=1, categories=["bottle", "tile"])
+    raw["data"].update(image_size=32, categories=["bottle", "tile"])
+    raw["model"].update(epochs=2, batch_size=4)
+    raw["baseline"]["base_channels"] = 4
+    raw["multiscale"]["base_channels"] = 4
+    return raw
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, request) -> Path:
+    repo = Path(request.config.rootpath)
+    work = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        src = repo / name
+        dst = work / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], work)
+    run(["git", "config", "user.email", "test@example.com"], work)
+    run(["git", "config", "user.name", "test"], work)
+    run(["git", "add", "-A"], work)
+    run(["git", "commit", "-qm", "tiny project"], work)
+    return work
+
+
+def test_repro_runs_every_stage_then_nothing(project):
+    out = run(["dvc", "repro"], project)
+    for stage in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim"):
+        assert f"Running stage '{stage}'" in out
+    for name in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim"):
+        assert (project / "metrics" / f"{name}.json").is_file()
+    l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
+    for model in ("baseline", "multiscale"):
+        for key in ("image_auroc", "image_auroc_pooled", "pr_auc", "pixel_auroc", "aupro"):
+            assert key in l1[model]
+        for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold"):
+            assert key in l1[model]["categories"]["tile"]
+    assert list((project / "plots" / "evaluate-ssim" / "heatmaps").rglob("*.png"))
+    assert (project / "models" / "baseline" / "bottle.pt").is_file()
+    again = run(["dvc", "repro"], project)
+    assert "Running stage" not in again
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "default run"], project)
+
+
+def test_exp_run_retrains_models_only_and_metrics_diff_shows_it(project):
+    out = run(["dvc", "exp", "run", "-S", "model.lr=1e-4"], project)
+    assert "Running stage 'train-baseline'" in out and "Running stage 'train-multiscale'" in out
+    assert "Running stage 'synthesize'" not in out and "Running stage 'prepare-split'" not in out
+    diff = run(["dvc", "metrics", "diff", "HEAD", "--json"], project)
+    changed = json.loads(diff)
+    assert "metrics/train-baseline.json" in changed
+    assert "best_val_loss" in changed["metrics/train-baseline.json"]
+
+
+def test_plots_show_writes_declared_plots(project, tmp_path):
+    run(["dvc", "plots", "show", "-o", str(tmp_path / "html")], project)
+    html = (tmp_path / "html" / "index.html").read_text()
+    for title in ("Training and validation loss (baseline)", "ROC, L1 score", "Image AUROC per category, SSIM"):
+        assert title in html
+    assert list((tmp_path / "html" / "static").glob("*comparison.png"))
+
+
+def test_exp_run_on_another_mvtec_folder(project, odd_dataset):
+    run(["git", "checkout", "-q", "--", "."], project)
+    out = run(["dvc", "exp", "run", "-S", f"data.root={odd_dataset}", "-S", "data.categories=[widget]"], project)
+    assert "Running stage 'prepare-split'" in out
+    split = json.loads((project / "metrics" / "prepare-split.json").read_text())
+    assert split["categories"]["widget"]["test_with_mask"] == 2
+    l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
+    assert l1["baseline"]["categories"]["widget"]["n_anomalous_with_mask"] == 2
+    assert l1["baseline"]["categories"]["widget"]["n_anomalous"] == 3
+
+
+def test_bad_param_fails_with_the_key(project):
+    proc = subprocess.run(["dvc", "exp", "run", "-S", "data.image_size=100"], cwd=project, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0
+    assert "data.image_size: expected a positive multiple of 8" in proc.stdout + proc.stderr

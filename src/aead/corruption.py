@@ -25,6 +25,7 @@ CUDA batch.  Grayscale images (three equal channels) stay grayscale.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ __all__ = ["MODES", "corrupt_batch", "perlin_noise"]
 MODES: tuple[str, ...] = ("none", "perlin", "cutpaste", "erase", "mixed")
 
 _KEY = "model.corruption"
+_PROB_KEY = "model.corruption_probability"
 
 # perlin mode
 _PERLIN_CELL_EXP = (1, 4)  # cells along H = 2**k, k uniform in this range (inclusive)
@@ -66,22 +68,40 @@ _GRAY_TOL = 1e-6
 # --------------------------------------------------------------------------- random helpers
 
 
-def _rand(gen: torch.Generator, shape: tuple[int, ...], device: torch.device) -> Tensor:
+def _rand(gen: torch.Generator, shape: tuple[int, ...], device: torch.device | str) -> Tensor:
     """Uniform [0, 1) float32 drawn on the generator's device, moved to ``device``."""
     return torch.rand(shape, generator=gen, device=gen.device).to(device)
 
 
-def _uniform(gen: torch.Generator, lo: float, hi: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
+def _uniform(
+    gen: torch.Generator,
+    lo: float,
+    hi: float,
+    shape: tuple[int, ...],
+    device: torch.device | str,
+) -> Tensor:
     """Uniform [lo, hi) float32."""
     return lo + (hi - lo) * _rand(gen, shape, device)
 
 
-def _log_uniform(gen: torch.Generator, lo: float, hi: float, shape: tuple[int, ...], device: torch.device) -> Tensor:
+def _log_uniform(
+    gen: torch.Generator,
+    lo: float,
+    hi: float,
+    shape: tuple[int, ...],
+    device: torch.device | str,
+) -> Tensor:
     """Log-uniform in [lo, hi)."""
     return torch.exp(_uniform(gen, math.log(lo), math.log(hi), shape, device))
 
 
-def _randint(gen: torch.Generator, lo: int, hi: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+def _randint(
+    gen: torch.Generator,
+    lo: int,
+    hi: int,
+    shape: tuple[int, ...],
+    device: torch.device | str,
+) -> Tensor:
     """Integers uniform in [lo, hi] (inclusive), int64."""
     return torch.randint(lo, hi + 1, shape, generator=gen, device=gen.device).to(device)
 
@@ -100,7 +120,7 @@ def _perlin_batch(
     height: int,
     width: int,
     gen: torch.Generator,
-    device: torch.device,
+    device: torch.device | str,
     random_phase: bool = True,
 ) -> Tensor:
     """Gradient noise for a batch, (n, height, width), roughly in [-1, 1].
@@ -228,6 +248,11 @@ def _blend(images: Tensor, texture: Tensor, mask: Tensor, opacity: Tensor) -> Te
     return torch.lerp(images, texture, weight.expand_as(images)).clamp_(0.0, 1.0)
 
 
+def _upsample(maps: Tensor, height: int, width: int) -> Tensor:
+    """Bilinear resize of (n, h, w) maps to (n, height, width)."""
+    return F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
 def _roll_into(dst: Tensor, src: Tensor, shift_y: int, shift_x: int) -> None:
     """dst[:, y, x] = src[:, y - shift_y, x - shift_x] (cyclic), written in place, for (C, H, W)."""
     h, w = src.shape[-2:]
@@ -265,7 +290,9 @@ def _rotated_rect_mask(
 # --------------------------------------------------------------------------- modes
 
 
-def _perlin_mode(images: Tensor, pool: Tensor, own_index: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _perlin_mode(
+    images: Tensor, pool: Tensor, own_index: Tensor, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """DRAEM-style Perlin-blob anomalies; ``pool`` is the whole batch (foreign textures)."""
     n, _, h, w = images.shape
     device = images.device
@@ -286,10 +313,10 @@ def _perlin_mode(images: Tensor, pool: Tensor, own_index: Tensor, gen: torch.Gen
     bump_x = torch.exp(-((xs[None, :] - centre[:, 1:]) ** 2) / (2.0 * sigma[:, None] ** 2))
     noise.add_((strength[:, None] * bump_y)[:, :, None] * bump_x[:, None, :])
     if (low_h, low_w) != (h, w):
-        noise = F.interpolate(noise[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        noise = _upsample(noise, h, w)
     area = _log_uniform(gen, _PERLIN_AREA[0], _PERLIN_AREA[1], (n,), device)
     # threshold at the (1 - area) quantile, estimated on a subsampled grid (always >= 1 pixel set)
-    step = max(1, min(h, w) // 64)
+    step = max(1, min(h, w) // 32)
     sample = noise[:, ::step, ::step].reshape(n, -1)
     sorted_sample, _ = torch.sort(sample, dim=1)
     m = sample.shape[1]
@@ -336,7 +363,7 @@ def _perlin_mode(images: Tensor, pool: Tensor, own_index: Tensor, gen: torch.Gen
         detail = _uniform(gen, 0.2, 0.7, (p,), device)
         tex_noise = octaves[:p] + detail[:, None, None] * octaves[p:]
         if (low_h, low_w) != (h, w):
-            tex_noise = F.interpolate(tex_noise[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            tex_noise = _upsample(tex_noise, h, w)
         grain = _uniform(gen, 0.0, 0.3, (p,), device)
         tex_noise.add_(grain[:, None, None] * (_rand(gen, (p, h, w), device) - 0.5))
         gain = _uniform(gen, 1.5, 6.0, (p,), device)
@@ -382,9 +409,8 @@ def _cutpaste_mode(images: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor
     angle = torch.where(scar, scar_angle, torch.zeros(n))
     shift_y = torch.where(scar, scar_dy, dst_y - src_y)
     shift_x = torch.where(scar, scar_dx, dst_x - src_x)
-    mask = _rotated_rect_mask(
-        h, w, centre_y.to(device), centre_x.to(device), half_len.to(device), half_wid.to(device), angle.to(device)
-    )
+    geometry = [t.to(device) for t in (centre_y, centre_x, half_len, half_wid, angle)]
+    mask = _rotated_rect_mask(h, w, *geometry)
 
     source = torch.empty_like(images)
     for i, (sy, sx) in enumerate(zip(shift_y.tolist(), shift_x.tolist())):
@@ -438,10 +464,10 @@ def _check(mode: str, probability: float) -> None:
     """Raise ParamsError for an unknown mode or a probability outside [0, 1]."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ParamsError(f"{_KEY}: unknown corruption mode {mode!r}; expected one of {', '.join(MODES)}")
-    if isinstance(probability, bool) or not isinstance(probability, (int, float)):
-        raise ParamsError(f"{_KEY}: corruption probability must be a number in [0, 1], got {probability!r}")
+    if isinstance(probability, bool) or not isinstance(probability, numbers.Real):
+        raise ParamsError(f"{_PROB_KEY}: must be a number in [0, 1], got {probability!r}")
     if not 0.0 <= float(probability) <= 1.0:
-        raise ParamsError(f"{_KEY}: corruption probability must be in [0, 1], got {probability!r}")
+        raise ParamsError(f"{_PROB_KEY}: must be in [0, 1], got {probability!r}")
 
 
 def corrupt_batch(
@@ -464,10 +490,8 @@ def corrupt_batch(
         raise ValueError(f"corrupt_batch expects images of shape (N, 3, H, W), got {tuple(images.shape)}")
     n, _, h, w = images.shape
     device = images.device
-    out = images.clone()
-    mask = torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
     if mode == "none" or n == 0 or probability == 0:
-        return out, mask
+        return images.clone(), torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
 
     work = images.float()
     selected = _rand(generator, (n,), "cpu") < float(probability)
@@ -478,18 +502,28 @@ def corrupt_batch(
     else:
         choice = torch.full((n,), ("perlin", "cutpaste", "erase").index(mode), dtype=torch.long)
 
+    out = None
+    mask = None
     for code in range(3):
         idx = (selected & (choice == code)).nonzero()[:, 0]
         if idx.numel() == 0:
             continue
+        whole = idx.numel() == n  # every image, same mode: no gather/scatter copies
         idx_d = idx.to(device)
-        sub = work[idx_d]
+        sub = work if whole else work[idx_d]
         if code == 0:
             corrupted, sub_mask = _perlin_mode(sub, work, idx, generator)
         elif code == 1:
             corrupted, sub_mask = _cutpaste_mode(sub, generator)
         else:
             corrupted, sub_mask = _erase_mode(sub, generator)
+        if whole:
+            return corrupted.to(images.dtype), sub_mask
+        if out is None or mask is None:
+            out = images.clone()
+            mask = torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
         out[idx_d] = corrupted.to(out.dtype)
         mask[idx_d] = sub_mask
+    if out is None or mask is None:  # nothing selected
+        return images.clone(), torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
     return out, mask

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.evaluation import SCORE_NAMES, evaluate, heatmap_picker
+from aead.evaluation import SCORE_NAMES, calibration_record, evaluate, heatmap_picker
 from aead.params import load_params
 from aead.plots import comparison_figure
 from aead.report import write_heatmaps
@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--models-root", default="models")
     parser.add_argument("--metrics", help="default: metrics/evaluate-<method>.json")
     parser.add_argument("--plots-dir", help="default: plots/evaluate-<method>")
+    parser.add_argument("--calibration", help="default: models/calibration-<method>.json")
     args = parser.parse_args()
     params = load_params(args.params)
     plots_dir = Path(args.plots_dir or f"plots/evaluate-{args.method}")
@@ -30,11 +31,13 @@ def main() -> None:
     io.write_csv(plots_dir / "category_auroc.csv", ev.category_rows,
                  ["model", "category", "image_auroc", "pr_auc", "pixel_auroc", "aupro"])
     io.write_csv(plots_dir / "scores.csv", ev.score_rows,
-                 ["path", "category", "defect_type", "label", "model", *SCORE_NAMES])
+                 ["path", "category", "defect_type", "label", "model", *SCORE_NAMES, "normalized", "anomalous"])
     comparison_figure(plots_dir / "comparison.png", ev.metrics, ev.results, params.evaluate.image_score,
                       f"{args.method.upper()} reconstruction error, '{params.evaluate.image_score}' image score")
     if per_type:
         write_heatmaps(plots_dir / "heatmaps", ev.results, params.data.prepared_dir, log=log)
+    io.write_json(args.calibration or f"models/calibration-{args.method}.json",
+                  calibration_record(params, args.method, ev.calibration))
     io.write_json(args.metrics or f"metrics/evaluate-{args.method}.json", ev.metrics)
 
 

@@ -31,6 +31,20 @@ def save(path: Path, array: np.ndarray, **kwargs) -> Path:
 
 @pytest.fixture
 def odd_dataset(tmp_path: Path) -> Path:
+    return make_odd_dataset(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def odd_dataset_module(tmp_path_factory) -> Path:
+    return make_odd_dataset(tmp_path_factory.mktemp("odd"))
+
+
+@pytest.fixture(scope="module")
+def raw_params_module() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def make_odd_dataset(tmp_path: Path) -> Path:
     """A tiny real-world-like MVTec folder: grayscale PNG, RGB JPEG and BMP of different sizes,
     one defect image without a mask, masks stored with values 0/1 and one as JPEG-ish noisy 0/255."""
     rng = np.random.default_rng(0)

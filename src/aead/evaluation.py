@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from aead import maps, metrics
+from aead.calibration import Calibration, calibrate
 from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
+from aead.corruption import corrupt_batch
 from aead.data import Sample, Split, categories_of, read_split
 from aead.errors import DataError
 from aead.params import MODEL_NAMES, Params
@@ -51,6 +53,7 @@ class Evaluation:
     category_rows: list[dict[str, Any]] = field(default_factory=list)
     score_rows: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, dict[str, CategoryResult]] = field(default_factory=dict)
+    calibration: dict[str, dict[str, Calibration]] = field(default_factory=dict)
 
 
 def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float) -> Tensor:
@@ -92,7 +95,30 @@ def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Pa
     return CategoryResult(split.samples, labels, scores, out_maps, masks, has_mask, recon_kept)
 
 
-def category_metrics(result: CategoryResult, image_score: str, category: str, log: Log) -> dict[str, Any]:
+CALIBRATION_CORRUPTION = "perlin"
+
+
+def with_synthetic_defects(split: Split, seed: int) -> Split:
+    """A copy of ``split`` where every image carries a synthetic defect (Perlin blobs, seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2).float() / 255.0
+    corrupted, _ = corrupt_batch(x, CALIBRATION_CORRUPTION, gen, probability=1.0)
+    images = (corrupted.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Split([Sample(s.path, s.category, "synthetic", 1) for s in split.samples], images)
+
+
+def calibrate_on_validation(checkpoint: Checkpoint, val: Split, method: Method, params: Params,
+                            device: torch.device) -> Calibration:
+    """Fit the threshold of the headline score on validation good images and their synthetic-defect copies."""
+    score = params.evaluate.image_score
+    good = score_split(checkpoint, val, method, params, device).scores[score]
+    bad = score_split(checkpoint, with_synthetic_defects(val, params.model.seed + 7), method, params,
+                      device).scores[score]
+    return calibrate(good, bad)
+
+
+def category_metrics(result: CategoryResult, image_score: str, category: str, log: Log,
+                     calibration: Calibration | None = None) -> dict[str, Any]:
     """Image- and pixel-level metrics of one category; undefined ones are None, with the reason logged."""
     labels = result.labels
     headline = result.scores[image_score]
@@ -109,6 +135,10 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
         out["f1_max"], out["threshold"] = float(f1), float(thr)
     else:
         out["f1_max"], out["threshold"] = None, None
+    if calibration is not None:
+        out["calibrated_threshold"] = calibration.threshold
+        at = metrics.precision_recall_f1_at(labels, headline, calibration.threshold)
+        out["calibrated"] = {k: at[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")}
     out["image_auroc_by_score"] = {k: metrics.auroc(labels, v) for k, v in result.scores.items()}
     out["mean_score_good"] = float(headline[labels == 0].mean()) if n_good else None
     out["mean_score_anomalous"] = float(headline[labels == 1].mean()) if n_bad else None
@@ -139,6 +169,7 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
     device = select_device(params.model.device)
     prepared = Path(params.data.prepared_dir)
     test = read_split(prepared, "test")
+    val = read_split(prepared, "val")
     size = params.data.image_size
     if test.images.shape[1:] != (size, size, 3):
         raise DataError(f"{prepared / 'test.npy'}: cached images are not {size}x{size}; rerun prepare-split")
@@ -152,6 +183,7 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
         model_dir = models_root / model_name
         per_cat: dict[str, Any] = {}
         ev.results[model_name] = {}
+        ev.calibration[model_name] = {}
         pooled_labels, pooled_scores = [], []
         for cat in cats:
             ckpt = load_checkpoint(find_checkpoint(model_dir, cat), device, expect_model=model_name,
@@ -160,17 +192,20 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             keep = heatmap_indices(split.samples) if heatmap_indices else None
             log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")
             result = score_split(ckpt, split, method, params, device, keep_recon=keep)
+            cal = calibrate_on_validation(ckpt, val.select([cat]), method, params, device)
             ev.results[model_name][cat] = result
-            per_cat[cat] = category_metrics(result, score, cat, log)
+            ev.calibration[model_name][cat] = cal
+            per_cat[cat] = category_metrics(result, score, cat, log, cal)
             pooled_labels.append(result.labels)
             pooled_scores.append(result.scores[score])
-            _append_rows(ev, model_name, cat, result, per_cat[cat], score, params.evaluate.curve_points)
+            _append_rows(ev, model_name, cat, result, per_cat[cat], score, params.evaluate.curve_points, cal)
         labels, scores = np.concatenate(pooled_labels), np.concatenate(pooled_scores)
         summary = {
             "image_auroc": _mean([m["image_auroc"] for m in per_cat.values()]),
             "image_auroc_pooled": metrics.auroc(labels, scores),
             "pr_auc": _mean([m["pr_auc"] for m in per_cat.values()]),
             "f1_max": _mean([m["f1_max"] for m in per_cat.values()]),
+            "calibrated_f1": _mean([m["calibrated"]["f1"] for m in per_cat.values() if m["f1_max"] is not None]),
             "pixel_auroc": _mean([m["pixel_auroc"] for m in per_cat.values()]),
             "aupro": _mean([m["aupro"] for m in per_cat.values()]),
             "image_auroc_by_score": {
@@ -191,8 +226,9 @@ def _fmt(value: float | None) -> str:
 
 
 def _append_rows(ev: Evaluation, model: str, cat: str, result: CategoryResult, m: dict[str, Any], score: str,
-                 points: int) -> None:
+                 points: int, cal: Calibration) -> None:
     labels, s = result.labels, result.scores[score]
+    normalized = cal.normalize(s)
     if m["image_auroc"] is not None:
         fpr, tpr, _ = metrics.roc_curve(labels, s)
         fx, fy = metrics.thin_curve(fpr, tpr, points)
@@ -209,11 +245,26 @@ def _append_rows(ev: Evaluation, model: str, cat: str, result: CategoryResult, m
         ev.score_rows.append({
             "path": smp.path, "category": cat, "defect_type": smp.defect_type, "label": smp.label, "model": model,
             **{k: float(result.scores[k][i]) for k in SCORE_NAMES},
+            "normalized": float(normalized[i]), "anomalous": int(s[i] >= cal.threshold),
         })
 
 
 def _csv(value: float | None) -> Any:
     return "" if value is None else value
+
+
+def calibration_record(params: Params, method: Method, calibration: dict[str, dict[str, Calibration]]) -> dict[str, Any]:
+    """What a deployed model needs to turn its maps into a verdict: the scoring recipe and, per model and
+    category, the validation-fitted threshold and normalisation range."""
+    ev = params.evaluate
+    return {
+        "method": method,
+        "image_score": ev.image_score,
+        "smooth_sigma": ev.smooth_sigma,
+        "ssim_window_sigma": ev.ssim_window_sigma,
+        "image_size": params.data.image_size,
+        "models": {m: {c: cal.to_dict() for c, cal in per.items()} for m, per in calibration.items()},
+    }
 
 
 def heatmap_picker(per_type: int) -> Callable[[list[Sample]], np.ndarray]:

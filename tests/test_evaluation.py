@@ -1,0 +1,75 @@
+"""The evaluation stages' library on a tiny real run: prepare, train for two epochs, evaluate."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aead.errors import CheckpointError
+from aead.evaluation import evaluate
+from aead.params import parse_params
+from aead.prepare import prepare_split
+from aead.training import train_and_save
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, raw_params_module, odd_dataset_module):
+    """Two categories: 'widget' (good and anomalous test images) and 'plain' (only good test images)."""
+    root = odd_dataset_module
+    plain = root / "plain"
+    shutil.copytree(root / "widget" / "train", plain / "train")
+    shutil.copytree(root / "widget" / "test" / "good", plain / "test" / "good")
+    work = tmp_path_factory.mktemp("eval")
+    raw = copy.deepcopy(raw_params_module)
+    raw["data"].update(root=str(root), categories=["widget", "plain"], image_size=16,
+                       prepared_dir=str(work / "prepared"))
+    raw["model"].update(epochs=1, batch_size=4)
+    raw["baseline"]["base_channels"] = 4
+    raw["multiscale"]["base_channels"] = 4
+    params = parse_params(raw)
+    prepare_split(params.data, log=lambda m: None)
+    for model in ("baseline", "multiscale"):
+        train_and_save(params, model, work / "models" / model, log=lambda m: None)
+    return params, work
+
+
+def test_metrics_keys_and_undefined_auroc(trained):
+    params, work = trained
+    lines: list[str] = []
+    ev = evaluate(params, "ssim", work / "models", log=lines.append)
+    for model in ("baseline", "multiscale"):
+        widget = ev.metrics[model]["categories"]["widget"]
+        assert widget["image_auroc"] is not None and 0.0 <= widget["image_auroc"] <= 1.0
+        assert widget["n_anomalous"] == 3 and widget["n_anomalous_with_mask"] == 2
+        assert widget["pixel_auroc"] is not None and widget["aupro"] is not None
+        cal = ev.calibration[model]["widget"]
+        assert widget["calibrated_threshold"] == cal.threshold and cal.n_good == 1 and cal.n_synthetic == 1  # 15 % of 8 train images
+        assert set(widget["calibrated"]) >= {"precision", "recall", "f1"}
+        plain = ev.metrics[model]["categories"]["plain"]
+        assert plain["image_auroc"] is None and plain["pixel_auroc"] is None and "no anomalous" in plain["note"]
+        assert ev.metrics[model]["image_auroc"] == widget["image_auroc"], "overall = mean over defined categories"
+    assert any("'plain' has no anomalous test images" in line for line in lines)
+    assert any("1 of 3 anomalous images have no mask" in line for line in lines)
+    assert {r["category"] for r in ev.roc_rows} == {"widget"}
+    assert len(ev.score_rows) == 2 * (5 + 2)
+
+
+def test_scores_are_deterministic(trained):
+    params, work = trained
+    a = evaluate(params, "l1", work / "models", log=lambda m: None)
+    b = evaluate(params, "l1", work / "models", log=lambda m: None)
+    assert a.metrics == b.metrics
+    r = a.results["baseline"]["widget"]
+    assert np.allclose(r.scores["max"], r.maps.reshape(len(r.maps), -1).max(axis=1))
+
+
+def test_missing_checkpoint_is_named(trained, tmp_path):
+    params, work = trained
+    shutil.copytree(work / "models", tmp_path / "models")
+    (tmp_path / "models" / "multiscale" / "plain.pt").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint for category 'plain'"):
+        evaluate(params, "l1", tmp_path / "models", log=lambda m: None)

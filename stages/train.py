@@ -7,7 +7,7 @@ from pathlib import Path
 from aead import io
 from aead.cli import log, run_stage
 from aead.params import MODEL_NAMES, load_params
-from aead.training import train_and_save
+from aead.training import clear_resume, train_and_save
 
 
 def main() -> None:
@@ -17,12 +17,16 @@ def main() -> None:
     parser.add_argument("--models-dir", help="default: models/<model>")
     parser.add_argument("--metrics", help="default: metrics/train-<model>.json")
     parser.add_argument("--plot", help="default: plots/train-<model>.csv")
+    parser.add_argument("--resume-dir", help="per-epoch training state of an unfinished run (default: "
+                        "models/.resume-<model>); removed when the stage completes")
     args = parser.parse_args()
+    resume_dir = Path(args.resume_dir or f"models/.resume-{args.model}")
     metrics, rows = train_and_save(load_params(args.params), args.model,
-                                   Path(args.models_dir or f"models/{args.model}"), log=log)
+                                   Path(args.models_dir or f"models/{args.model}"), log=log, resume_dir=resume_dir)
     io.write_json(args.metrics or f"metrics/train-{args.model}.json", metrics)
     io.write_csv(args.plot or f"plots/train-{args.model}.csv", rows,
                  ["model", "category", "epoch", "train_loss", "val_loss", "lr"])
+    clear_resume(resume_dir)
 
 
 if __name__ == "__main__":

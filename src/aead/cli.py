@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
+from types import FrameType
 
 from aead.errors import AeadError
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_stage(main: Callable[[], None]) -> None:
-    """Run ``main``; an :class:`AeadError` prints ``error: <message>`` on stderr and exits with 1."""
+    """Run ``main``; an :class:`AeadError` prints ``error: <message>`` on stderr and exits with 1.
+
+    SIGTERM is handled like Ctrl-C, so temporary files are removed on the way out."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except AeadError as err:

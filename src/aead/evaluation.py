@@ -23,7 +23,7 @@ from aead.corruption import corrupt_batch
 from aead.data import Sample, Split, categories_of, read_split
 from aead.errors import DataError
 from aead.params import MODEL_NAMES, Params
-from aead.training import configure_threads, select_device, to_float, to_tensor
+from aead.training import autocast_for, configure_threads, select_device, to_float, to_tensor
 
 Method = Literal["l1", "ssim"]
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
@@ -76,10 +76,12 @@ def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Pa
     scores = {k: np.empty(n, dtype=np.float64) for k in SCORE_NAMES}
     keep = set() if keep_recon is None else set(int(i) for i in keep_recon)
     recon_kept: dict[int, np.ndarray] = {}
-    model = checkpoint.model
+    model = checkpoint.model.to(memory_format=torch.channels_last)
+    autocast, _ = autocast_for(device, params.model.precision)
     for s in range(0, n, ev.batch_size):
         x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
-        recon = model(x).float()
+        with autocast:
+            recon = model(x).float()
         amap = anomaly_maps(method, x, recon, ev.smooth_sigma, ev.ssim_window_sigma)
         # the map is already smoothed: score it as is (sigma 0 for 'max')
         batch_scores = maps.image_scores(amap, smooth_sigma=0.0)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a run that was killed (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -101,8 +103,3 @@ def save_figure(path: str | Path, fig: Any, **kwargs: Any) -> None:
         fig.savefig(fh, format=path.suffix.lstrip("."), **kwargs)
 
 
-def write_stream(path: str | Path, writer: Any) -> None:
-    """Call ``writer(fh: BinaryIO)`` on a temporary file, then rename it to ``path``."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        f: BinaryIO = fh
-        writer(f)

@@ -76,6 +76,7 @@ class ModelParams:
     ssim_weight: float
     seed: int
     device: Literal["auto", "cpu", "cuda"]
+    precision: Literal["auto", "fp32", "bf16"]
     num_threads: int
 
     def check(self) -> None:

@@ -1,0 +1,18 @@
+"""The benchmark is not a timed test: CI only checks that it runs end to end on tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "benchmarks/benchmark.py", "--tiny", "--out", str(out)], cwd=repo_root,
+                   check=True, capture_output=True, text=True)
+    results = json.loads(out.read_text())
+    assert results["machine_conv_gflops"] > 0
+    for key in ("train_baseline_32", "train_multiscale_32", "evaluate_32"):
+        assert results[key]["ours_img_s"] > 0 and results[key]["reference_img_s"] > 0
+        assert results[key]["ratio"] > 0

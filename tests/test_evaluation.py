@@ -52,6 +52,8 @@ def test_metrics_keys_and_undefined_auroc(trained):
         plain = ev.metrics[model]["categories"]["plain"]
         assert plain["image_auroc"] is None and plain["pixel_auroc"] is None and "no anomalous" in plain["note"]
         assert ev.metrics[model]["image_auroc"] == widget["image_auroc"], "overall = mean over defined categories"
+        r = ev.results[model]["widget"]
+        assert widget["mean_error_good"] == pytest.approx(r.scores["mean"][r.labels == 0].mean())
     assert any("'plain' has no anomalous test images" in line for line in lines)
     assert any("1 of 3 anomalous images have no mask" in line for line in lines)
     assert {r["category"] for r in ev.roc_rows} == {"widget"}

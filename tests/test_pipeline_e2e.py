@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,54 @@ def test_bad_param_fails_with_the_key(project):
                           text=True)
     assert proc.returncode != 0
     assert "data.image_size: expected a positive multiple of 8" in proc.stdout + proc.stderr
+
+
+TIMING_KEYS = {"train_seconds", "images_per_second"}
+
+
+def without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    return obj
+
+
+def test_repro_force_gives_identical_metrics(project):
+    run(["git", "checkout", "-q", "--", "."], project)
+    run(["dvc", "checkout", "-q"], project)
+    before = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
+    run(["dvc", "repro", "--force"], project)
+    after = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
+    assert before.keys() == after.keys()
+    for name in before:
+        assert without_timing(before[name]) == without_timing(after[name]), f"{name} differs between runs"
+
+
+def test_queued_experiments_run_concurrently(project):
+    run(["git", "checkout", "-q", "--", "."], project)
+    for lr in ("0.003", "0.0005"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"model.lr={lr}"], project)
+    run(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = run(["dvc", "queue", "status"], project)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert "Failed" not in status, status
+    proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True, check=True)
+    shown = json.loads(proc.stdout)
+    lrs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            params = node.get("params", {}).get("params.yaml", {}).get("data", {})
+            if "model" in params and node.get("metrics", {}).get("metrics/evaluate-l1.json"):
+                lrs.add(params["model"]["lr"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(shown)
+    assert {0.003, 0.0005} <= lrs, f"queued experiments with their metrics not found: {lrs}"

@@ -144,6 +144,9 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
     out["image_auroc_by_score"] = {k: metrics.auroc(labels, v) for k, v in result.scores.items()}
     out["mean_score_good"] = float(headline[labels == 0].mean()) if n_good else None
     out["mean_score_anomalous"] = float(headline[labels == 1].mean()) if n_bad else None
+    mean_error = result.scores["mean"]
+    out["mean_error_good"] = float(mean_error[labels == 0].mean()) if n_good else None
+    out["mean_error_anomalous"] = float(mean_error[labels == 1].mean()) if n_bad else None
     sel = result.has_mask
     n_masked = int((sel & (labels == 1)).sum())
     out["n_anomalous_with_mask"] = n_masked
@@ -215,6 +218,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             },
             "mean_score_good": float(scores[labels == 0].mean()) if (labels == 0).any() else None,
             "mean_score_anomalous": float(scores[labels == 1].mean()) if (labels == 1).any() else None,
+            "mean_error_good": _mean([m["mean_error_good"] for m in per_cat.values()]),
+            "mean_error_anomalous": _mean([m["mean_error_anomalous"] for m in per_cat.values()]),
             "categories": per_cat,
         }
         ev.metrics[model_name] = summary

@@ -103,7 +103,7 @@ CALIBRATION_CORRUPTION = "perlin"
 def with_synthetic_defects(split: Split, seed: int) -> Split:
     """A copy of ``split`` where every image carries a synthetic defect (Perlin blobs, seeded)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(np.ascontiguousarray(split.images)).permute(0, 3, 1, 2).float() / 255.0
+    x = to_tensor(split.images, torch.device("cpu")).float() / 255.0
     corrupted, _ = corrupt_batch(x, CALIBRATION_CORRUPTION, gen, probability=1.0)
     images = (corrupted.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
     return Split([Sample(s.path, s.category, "synthetic", 1) for s in split.samples], images)

@@ -18,6 +18,7 @@ STAGE_SCRIPTS = {
     "train-multiscale": "stages/train.py",
     "evaluate-l1": "stages/evaluate.py",
     "evaluate-ssim": "stages/evaluate.py",
+    "export": "stages/export.py",
 }
 
 IMPORTS = """

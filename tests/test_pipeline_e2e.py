@@ -55,7 +55,8 @@ def project(tmp_path_factory, request) -> Path:
 
 def test_repro_runs_every_stage_then_nothing(project):
     out = run(["dvc", "repro"], project)
-    for stage in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim"):
+    for stage in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim",
+                  "export"):
         assert f"Running stage '{stage}'" in out
     for name in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim"):
         assert (project / "metrics" / f"{name}.json").is_file()
@@ -92,7 +93,7 @@ def test_plots_show_writes_declared_plots(project, tmp_path):
 
 
 def test_exp_run_on_another_mvtec_folder(project, odd_dataset):
-    run(["git", "checkout", "-q", "--", "."], project)
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
     out = run(["dvc", "exp", "run", "-S", f"data.root={odd_dataset}", "-S", "data.categories=[widget]"], project)
     assert "Running stage 'prepare-split'" in out
     split = json.loads((project / "metrics" / "prepare-split.json").read_text())
@@ -119,8 +120,8 @@ def without_timing(obj):
 
 
 def test_repro_force_gives_identical_metrics(project):
-    run(["git", "checkout", "-q", "--", "."], project)
-    run(["dvc", "checkout", "-q"], project)
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
+    run(["dvc", "repro", "--force"], project)
     before = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
     run(["dvc", "repro", "--force"], project)
     after = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
@@ -130,7 +131,7 @@ def test_repro_force_gives_identical_metrics(project):
 
 
 def test_queued_experiments_run_concurrently(project):
-    run(["git", "checkout", "-q", "--", "."], project)
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
     for lr in ("0.003", "0.0005"):
         run(["dvc", "exp", "run", "--queue", "-S", f"model.lr={lr}"], project)
     run(["dvc", "queue", "start", "-j", "2"], project)

@@ -1,0 +1,89 @@
+"""A self-contained TorchScript detector: load it with ``torch.jit.load`` and call it on an image, without
+this package.
+
+Input: one uint8 RGB image tensor (H, W, 3) of any size (repeat a grayscale image to 3 channels first).
+Output: ``(score, raw_score, anomaly_map)``: the score normalised so the calibrated threshold is 0.5 (above
+0.5 = anomalous), the raw image score, and the (image_size, image_size) anomaly map.
+The graph resizes with torch's antialiased bilinear filter; the pipeline resizes with PIL's, so its scores
+can differ from `aead predict` by the difference of the two resamplers (about 1/255 per pixel).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aead import io, maps
+from aead.calibration import Calibration
+from aead.checkpoint import find_checkpoint, load_checkpoint
+from aead.params import Params
+from aead.predict import load_calibration
+
+
+class Detector(nn.Module):
+    """Preprocessing, autoencoder, anomaly map, image score and score normalisation in one module."""
+
+    def __init__(self, model: nn.Module, method: str, image_size: int, image_score: str, smooth_sigma: float,
+                 window_sigma: float, calibration: Calibration) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.method = method
+        self.image_size = image_size
+        self.image_score = image_score
+        self.smooth_sigma = smooth_sigma
+        self.window_sigma = window_sigma
+        self.register_buffer("cal", torch.tensor([calibration.threshold, calibration.low, calibration.high],
+                                                 dtype=torch.float64))
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = image.permute(2, 0, 1).unsqueeze(0).float()
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                          antialias=True)
+        x = (x.round().clamp(0, 255) / 255.0).contiguous(memory_format=torch.channels_last)
+        recon = self.model(x).float()
+        if self.method == "l1":
+            amap = maps.gaussian_blur(maps.l1_map(x, recon)[:, None], self.smooth_sigma)[:, 0]
+        else:
+            amap = maps.ssim_error_map(x, recon, window_sigma=self.window_sigma, smooth_sigma=self.smooth_sigma)
+        raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
+        thr, low, high = self.cal[0], self.cal[1], self.cal[2]
+        below = 0.5 * (raw - low) / torch.clamp(thr - low, min=1e-12)
+        above = 0.5 + 0.5 * (raw - thr) / torch.clamp(high - thr, min=1e-12)
+        score = torch.where(raw < thr, below, above).clamp(0.0, 1.0)
+        return score, raw, amap[0]
+
+
+def build_detector(params: Params, models_root: Path, model: str, category: str, method: str) -> Detector:
+    """The detector for one trained model and category, with the evaluation stage's calibration."""
+    checkpoint = load_checkpoint(find_checkpoint(models_root / model, category), "cpu", expect_model=model,
+                                 expect_image_size=params.data.image_size)
+    recorded, cal = load_calibration(models_root / f"calibration-{method}.json", model, category, params)
+    if recorded != method:
+        raise ValueError(f"calibration is for method {recorded}, not {method}")
+    ev = params.evaluate
+    return Detector(checkpoint.model.to(memory_format=torch.channels_last), method, params.data.image_size,
+                    ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal).eval()
+
+
+def export_all(params: Params, models_root: Path, out_dir: Path, method: str) -> dict[str, Any]:
+    """Trace and save one TorchScript detector per model and category into ``out_dir`` (replaced whole)."""
+    example = torch.zeros((params.data.image_size + 13, params.data.image_size + 7, 3), dtype=torch.uint8)
+    index: dict[str, Any] = {"method": method, "image_score": params.evaluate.image_score, "files": {}}
+    with io.atomic_dir(out_dir) as tmp, torch.no_grad():
+        for model in ("baseline", "multiscale"):
+            for category in params.data.categories:
+                detector = build_detector(params, models_root, model, category, method)
+                with warnings.catch_warnings():  # shape checks are constant for the fixed model input size
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.trace(detector, example, check_trace=False)
+                path = tmp / f"{model}-{category}.pt"
+                traced.save(str(path))
+                index["files"][f"{model}/{category}"] = path.name
+        (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return index

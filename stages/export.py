@@ -1,0 +1,31 @@
+"""Stage export: one self-contained TorchScript detector per model and category (params: evaluate.*,
+data.*), runnable with plain `torch.jit.load` on a uint8 (H, W, 3) image."""
+
+import argparse
+from pathlib import Path
+
+from aead import io
+from aead.cli import log, run_stage
+from aead.export import export_all
+from aead.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", default="ssim", choices=("l1", "ssim"))
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--models-root", default="models")
+    parser.add_argument("--out", default="models/export")
+    parser.add_argument("--metrics", default="metrics/export.json")
+    parser.add_argument("--plot", default="plots/export.csv")
+    args = parser.parse_args()
+    index = export_all(load_params(args.params), Path(args.models_root), Path(args.out), args.method)
+    log(f"exported {len(index['files'])} TorchScript detectors to {args.out}")
+    sizes = [{"model_category": k, "bytes": (Path(args.out) / v).stat().st_size} for k, v in index["files"].items()]
+    io.write_csv(args.plot, sizes, ["model_category", "bytes"])
+    io.write_json(args.metrics, {"method": index["method"], "detectors": len(sizes),
+                                 "total_bytes": sum(r["bytes"] for r in sizes)})
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,66 @@
+"""The exported TorchScript detector runs without this package's code and matches the PyTorch detector."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aead.export import build_detector, export_all
+from test_predict import pipeline  # noqa: F401  (module fixture: a trained, calibrated tiny pipeline)
+
+TRANSISTOR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_transistor_256" / "transistor"
+
+
+def real_images(root: Path) -> list[Path]:
+    """Real images: MVTec AD transistor where ../shared has it, and the test images of the tiny set."""
+    found = sorted((TRANSISTOR / "test" / "bent_lead").glob("*.png"))[:2] if TRANSISTOR.is_dir() else []
+    return found + sorted((root / "widget" / "test").rglob("*.png"))
+
+
+def test_exported_detector_matches_pytorch(pipeline, tmp_path):  # noqa: F811
+    from aead.params import load_params
+
+    work, _, root = pipeline
+    params = load_params(work / "params.yaml")
+    index = export_all(params, work / "models", tmp_path / "export", "ssim")
+    assert set(index["files"]) == {"baseline/widget", "multiscale/widget"}
+    for key, name in index["files"].items():
+        model, category = key.split("/")
+        eager = build_detector(params, work / "models", model, category, "ssim")
+        scripted = torch.jit.load(str(tmp_path / "export" / name))
+        for path in real_images(root):
+            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+            with torch.no_grad():
+                a, b = eager(image), scripted(image)
+            assert abs(float(a[0]) - float(b[0])) < 1e-4 and abs(float(a[1]) - float(b[1])) < 1e-4
+            assert torch.allclose(a[2], b[2], atol=1e-4)
+            assert 0.0 <= float(b[0]) <= 1.0
+
+
+def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noqa: F811
+    from aead.params import load_params
+
+    work, _, root = pipeline
+    export_all(load_params(work / "params.yaml"), work / "models", tmp_path / "export", "ssim")
+    image = next(iter((root / "widget" / "test" / "scratch").glob("*.png")))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules['aead'] = None  # importing this package now fails
+        import numpy as np, torch
+        from PIL import Image
+        detector = torch.jit.load({str(tmp_path / 'export' / 'baseline-widget.pt')!r})
+        image = torch.from_numpy(np.asarray(Image.open({str(image)!r}).convert('RGB')).copy())
+        score, raw, amap = detector(image)
+        print(float(score), float(raw), tuple(amap.shape))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    score, raw, shape = out.stdout.split(" ", 2)
+    assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"

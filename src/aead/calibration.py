@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from aead import metrics
 
@@ -28,10 +30,12 @@ class Calibration:
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Map raw scores to [0, 1] with the threshold at exactly 0.5."""
-        s = np.asarray(scores, dtype=np.float64)
-        below = 0.5 * (s - self.low) / max(self.threshold - self.low, 1e-12)
-        above = 0.5 + 0.5 * (s - self.threshold) / max(self.high - self.threshold, 1e-12)
-        return np.clip(np.where(s < self.threshold, below, above), 0.0, 1.0)
+        s = torch.from_numpy(np.asarray(scores, dtype=np.float64))
+        return normalize_scores(s, self.bounds()).numpy()
+
+    def bounds(self) -> Tensor:
+        """(threshold, low, high) as a float64 tensor, the form :func:`normalize_scores` takes."""
+        return torch.tensor([self.threshold, self.low, self.high], dtype=torch.float64)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -39,6 +43,15 @@ class Calibration:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
         return cls(**{k: raw[k] for k in ("threshold", "low", "high", "n_good", "n_synthetic")})
+
+
+def normalize_scores(scores: Tensor, bounds: Tensor) -> Tensor:
+    """Piecewise-linear map of raw scores: ``low`` -> 0, ``threshold`` -> 0.5, ``high`` -> 1, clipped to
+    [0, 1]. ``bounds`` is (threshold, low, high). Plain torch ops, so exported detectors use it too."""
+    thr, low, high = bounds[0], bounds[1], bounds[2]
+    below = 0.5 * (scores - low) / torch.clamp(thr - low, min=1e-12)
+    above = 0.5 + 0.5 * (scores - thr) / torch.clamp(high - thr, min=1e-12)
+    return torch.where(scores < thr, below, above).clamp(0.0, 1.0)
 
 
 def calibrate(good: Any, synthetic: Any) -> Calibration:

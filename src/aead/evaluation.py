@@ -190,9 +190,12 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
         ev.results[model_name] = {}
         ev.calibration[model_name] = {}
         pooled_labels, pooled_scores = [], []
+        loaded: dict[Path, Checkpoint] = {}
         for cat in cats:
-            ckpt = load_checkpoint(find_checkpoint(model_dir, cat), device, expect_model=model_name,
-                                   expect_image_size=size)
+            path = find_checkpoint(model_dir, cat)
+            if path not in loaded:  # a joint model serves every category: load it once
+                loaded[path] = load_checkpoint(path, device, expect_model=model_name, expect_image_size=size)
+            ckpt = loaded[path]
             split = test.select([cat])
             keep = heatmap_indices(split.samples) if heatmap_indices else None
             log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")

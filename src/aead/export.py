@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aead import io, maps
-from aead.calibration import Calibration
-from aead.checkpoint import find_checkpoint, load_checkpoint
+from aead.calibration import Calibration, normalize_scores
 from aead.params import Params
-from aead.predict import load_calibration
+from aead.predict import load_trained
 
 
 class Detector(nn.Module):
@@ -38,8 +37,7 @@ class Detector(nn.Module):
         self.image_score = image_score
         self.smooth_sigma = smooth_sigma
         self.window_sigma = window_sigma
-        self.register_buffer("cal", torch.tensor([calibration.threshold, calibration.low, calibration.high],
-                                                 dtype=torch.float64))
+        self.register_buffer("cal", calibration.bounds())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = image.permute(2, 0, 1).unsqueeze(0).float()
@@ -52,20 +50,13 @@ class Detector(nn.Module):
         else:
             amap = maps.ssim_error_map(x, recon, window_sigma=self.window_sigma, smooth_sigma=self.smooth_sigma)
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
-        thr, low, high = self.cal[0], self.cal[1], self.cal[2]
-        below = 0.5 * (raw - low) / torch.clamp(thr - low, min=1e-12)
-        above = 0.5 + 0.5 * (raw - thr) / torch.clamp(high - thr, min=1e-12)
-        score = torch.where(raw < thr, below, above).clamp(0.0, 1.0)
+        score = normalize_scores(raw, self.cal)
         return score, raw, amap[0]
 
 
 def build_detector(params: Params, models_root: Path, model: str, category: str, method: str) -> Detector:
     """The detector for one trained model and category, with the evaluation stage's calibration."""
-    checkpoint = load_checkpoint(find_checkpoint(models_root / model, category), "cpu", expect_model=model,
-                                 expect_image_size=params.data.image_size)
-    recorded, cal = load_calibration(models_root / f"calibration-{method}.json", model, category, params)
-    if recorded != method:
-        raise ValueError(f"calibration is for method {recorded}, not {method}")
+    checkpoint, cal = load_trained(params, models_root, model, category, method, torch.device("cpu"))
     ev = params.evaluate
     return Detector(checkpoint.model.to(memory_format=torch.channels_last), method, params.data.image_size,
                     ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal).eval()

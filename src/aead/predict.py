@@ -19,7 +19,7 @@ from PIL import Image
 
 from aead import io
 from aead.calibration import Calibration
-from aead.checkpoint import find_checkpoint, load_checkpoint
+from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.data import IMAGE_EXTENSIONS, Sample, Split, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError
 from aead.evaluation import score_split
@@ -52,11 +52,13 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def load_calibration(path: Path, model: str, category: str, params: Params) -> tuple[str, Calibration]:
-    """The scoring method and threshold the evaluation stage fitted for ``model`` and ``category``."""
+def load_calibration(path: Path, method: str, model: str, category: str, params: Params) -> Calibration:
+    """The threshold the evaluation stage fitted for ``model`` and ``category`` with ``method``."""
     if not path.is_file():
         raise CheckpointError(f"{path}: calibration not found; run the evaluation stages first (dvc repro)")
     record = json.loads(path.read_text())
+    if record.get("method") != method:
+        raise CheckpointError(f"{path}: calibration is for method '{record.get('method')}', not '{method}'")
     ev = params.evaluate
     recipe = {"image_score": ev.image_score, "smooth_sigma": ev.smooth_sigma,
               "ssim_window_sigma": ev.ssim_window_sigma, "image_size": params.data.image_size}
@@ -68,7 +70,16 @@ def load_calibration(path: Path, model: str, category: str, params: Params) -> t
         cal = Calibration.from_dict(record["models"][model][category])
     except KeyError as err:
         raise CheckpointError(f"{path}: no calibration for model '{model}', category '{category}'") from err
-    return record["method"], cal
+    return cal
+
+
+def load_trained(params: Params, models_root: Path, model: str, category: str, method: str,
+                 device: torch.device) -> tuple[Checkpoint, Calibration]:
+    """The checkpoint serving ``category`` and the threshold calibrated for it by the evaluation stage."""
+    checkpoint = load_checkpoint(find_checkpoint(models_root / model, category), device, expect_model=model,
+                                 expect_image_size=params.data.image_size)
+    cal = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)
+    return checkpoint, cal
 
 
 def predict(inputs: Iterable[str | Path], model: str, category: str, method: str, params: Params,
@@ -76,11 +87,7 @@ def predict(inputs: Iterable[str | Path], model: str, category: str, method: str
     """Score every input image; unreadable files are reported in their row and do not stop the others."""
     configure_threads(params.model.num_threads)
     device = select_device(params.model.device)
-    checkpoint = load_checkpoint(find_checkpoint(models_root / model, category), device, expect_model=model,
-                                 expect_image_size=params.data.image_size)
-    method_recorded, cal = load_calibration(models_root / f"calibration-{method}.json", model, category, params)
-    if method_recorded != method:
-        raise CheckpointError(f"calibration file is for method '{method_recorded}', not '{method}'")
+    checkpoint, cal = load_trained(params, models_root, model, category, method, device)
     files = expand_inputs(inputs)
     if not files:
         raise DataError("no image files given (expected image files or folders of them)")

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from aead.checkpoint import load_checkpoint
+from aead.data import read_split
 from aead.errors import CheckpointError
-from aead.evaluation import evaluate
+from aead.evaluation import evaluate, score_split, score_split_methods
 from aead.params import parse_params
 from aead.prepare import prepare_split
 from aead.training import train_and_save
@@ -75,3 +78,17 @@ def test_missing_checkpoint_is_named(trained, tmp_path):
     (tmp_path / "models" / "multiscale" / "plain.pt").unlink()
     with pytest.raises(CheckpointError, match="no checkpoint for category 'plain'"):
         evaluate(params, "l1", tmp_path / "models", log=lambda m: None)
+
+
+def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
+    """``score_split_methods`` runs the model once for L1 and SSIM; each result equals the single-method one."""
+    params, work = trained
+    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
+    test = read_split(params.data.prepared_dir, "test").select(["widget"])
+    both = score_split_methods(ck, test, ("l1", "ssim"), params, torch.device("cpu"))
+    for method in ("l1", "ssim"):
+        one = score_split(ck, test, method, params, torch.device("cpu"))
+        np.testing.assert_array_equal(both[method].maps, one.maps)
+        for k in one.scores:
+            np.testing.assert_array_equal(both[method].scores[k], one.scores[k])
+    assert not np.array_equal(both["l1"].maps, both["ssim"].maps)

@@ -58,6 +58,23 @@ def test_gaussian_blur_matches_scipy_full_image(mode: str, sigma: float) -> None
     np.testing.assert_allclose(got, expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "mirror", "nearest"])
+def test_gaussian_blur_convolution_path_for_large_axes_matches_scipy(mode: str) -> None:
+    """Axes longer than MATMUL_BLUR_MAX take the convolution path; both paths give scipy's result."""
+    x = np.random.default_rng(1).random((1, 2, 9, A.MATMUL_BLUR_MAX + 37))
+    got = A.gaussian_blur(torch.from_numpy(x), 3.0, mode=mode).numpy()
+    np.testing.assert_allclose(got, ndimage.gaussian_filter(x, (0, 0, 3.0, 3.0), mode=mode), atol=1e-12)
+
+
+def test_blur_matrix_rows_sum_to_one_and_blur_a_vector_like_scipy() -> None:
+    m = A.blur_matrix(13, 2.0, dtype=torch.float64)
+    np.testing.assert_allclose(m.sum(dim=1).numpy(), np.ones(13), atol=1e-12)
+    v = np.random.default_rng(2).random(13)
+    np.testing.assert_allclose((m @ torch.from_numpy(v)).numpy(), ndimage.gaussian_filter1d(v, 2.0), atol=1e-12)
+    with pytest.raises(ParamsError):
+        A.blur_matrix(13, 2.0, mode="wrap")
+
+
 def test_gaussian_blur_shapes_dtype_and_identity() -> None:
     x = torch.rand(2, 16, 16)
     out = A.gaussian_blur(x, 1.0)

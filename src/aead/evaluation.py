@@ -64,16 +64,17 @@ def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, 
 
 
 @torch.inference_mode()
-def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Params, device: torch.device,
-                keep_recon: np.ndarray | None = None) -> CategoryResult:
-    """Reconstruct every image of ``split`` in batches and compute maps and image scores.
+def score_split_methods(checkpoint: Checkpoint, split: Split, methods: tuple[Method, ...], params: Params,
+                        device: torch.device, keep_recon: np.ndarray | None = None) -> dict[Method, CategoryResult]:
+    """Reconstruct every image of ``split`` once, in batches, and compute each method's maps and image scores
+    from that one forward pass.
 
     ``keep_recon``: indices of images whose reconstruction is kept (for heatmap panels).
     """
     ev = params.evaluate
     n, size = len(split.samples), split.images.shape[1]
-    out_maps = np.empty((n, size, size), dtype=np.float32)
-    scores = {k: np.empty(n, dtype=np.float64) for k in SCORE_NAMES}
+    out_maps = {m: np.empty((n, size, size), dtype=np.float32) for m in methods}
+    scores = {m: {k: np.empty(n, dtype=np.float64) for k in SCORE_NAMES} for m in methods}
     keep = set() if keep_recon is None else set(int(i) for i in keep_recon)
     recon_kept: dict[int, np.ndarray] = {}
     model = checkpoint.model.to(memory_format=torch.channels_last)
@@ -82,19 +83,27 @@ def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Pa
         x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
         with autocast:
             recon = model(x).float()
-        amap = anomaly_maps(method, x, recon, ev.smooth_sigma, ev.ssim_window_sigma)
-        # the map is already smoothed: score it as is (sigma 0 for 'max')
-        batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
-        for k in SCORE_NAMES:
-            scores[k][s : s + len(x)] = batch_scores[k].double().cpu().numpy()
-        out_maps[s : s + len(x)] = amap.cpu().numpy()
+        for m in methods:
+            amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma)
+            # the map is already smoothed: score it as is (sigma 0 for 'max')
+            batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
+            for k in SCORE_NAMES:
+                scores[m][k][s : s + len(x)] = batch_scores[k].double().cpu().numpy()
+            out_maps[m][s : s + len(x)] = amap.cpu().numpy()
         for j in range(len(x)):
             if s + j in keep:
                 recon_kept[s + j] = (recon[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
     labels = np.array([smp.label for smp in split.samples], dtype=np.int64)
     has_mask = np.array([smp.label == 0 or smp.mask_path is not None for smp in split.samples], dtype=bool)
     masks = None if split.masks is None else np.asarray(split.masks, dtype=bool)
-    return CategoryResult(split.samples, labels, scores, out_maps, masks, has_mask, recon_kept)
+    return {m: CategoryResult(split.samples, labels, scores[m], out_maps[m], masks, has_mask, recon_kept)
+            for m in methods}
+
+
+def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Params, device: torch.device,
+                keep_recon: np.ndarray | None = None) -> CategoryResult:
+    """``score_split_methods`` for one method."""
+    return score_split_methods(checkpoint, split, (method,), params, device, keep_recon)[method]
 
 
 CALIBRATION_CORRUPTION = "perlin"

@@ -18,6 +18,7 @@ from aead.errors import DataError, ParamsError
 
 __all__ = [
     "gaussian_kernel1d",
+    "blur_matrix",
     "gaussian_blur",
     "ssim_window_radius",
     "ssim_map",
@@ -76,29 +77,58 @@ def _check_float(x: torch.Tensor, name: str, min_dim: int) -> None:
         raise DataError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(x.shape)}")
 
 
+# Up to this many pixels along an axis, blurring multiplies by a dense (n, n) matrix (padding folded in):
+# one BLAS call per axis, about 6x faster than single-channel convolutions at 256 px on a CPU. Beyond it,
+# the O(n^2) matrix costs more than the O(n * taps) convolution.
+MATMUL_BLUR_MAX = 512
+
+
+def blur_matrix(n: int, sigma: float, truncate: float = 4.0, mode: str = "reflect", *,
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+    """(n, n) matrix ``M`` such that ``M @ v`` is the 1-D Gaussian blur of a length-``n`` vector ``v``
+    with scipy-style border ``mode`` (the padded samples are folded back onto the rows they copy)."""
+    if mode not in _PAD_MODES:
+        raise ParamsError(f"unknown padding mode {mode!r}; use one of {_PAD_MODES}")
+    k = gaussian_kernel1d(sigma, truncate, dtype=torch.float64)
+    taps = k.numel()
+    r = (taps - 1) // 2
+    src = _pad_index(n, r, mode, torch.device("cpu"))
+    rows = torch.arange(n).repeat_interleave(taps)
+    cols = src.unfold(0, taps, 1).reshape(-1)
+    m = torch.zeros(n, n, dtype=torch.float64)
+    m.index_put_((rows, cols), k.repeat(n), accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+def _blur_conv(x: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
+    """Separable blur of (P, 1, H, W) planes by explicit padding and two 1-D convolutions."""
+    r = (k.numel() - 1) // 2
+    h, w = x.shape[-2:]
+    x = F.conv2d(x.index_select(2, _pad_index(h, r, mode, x.device)), k.view(1, 1, -1, 1))
+    return F.conv2d(x.index_select(3, _pad_index(w, r, mode, x.device)), k.view(1, 1, 1, -1))
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "reflect") -> torch.Tensor:
     """Gaussian-blur the last two axes of ``x`` (e.g. (N,C,H,W) or (N,H,W)), same shape out.
 
-    Separable convolution, each plane on its own; matches
+    Separable, each plane on its own; matches
     ``scipy.ndimage.gaussian_filter(x, sigma, mode=mode, truncate=truncate)``
     applied per plane. ``mode`` is 'reflect' (default), 'mirror' or 'nearest'
-    in scipy's sense. ``sigma <= 0`` returns ``x`` unchanged.
+    in scipy's sense. ``sigma <= 0`` returns ``x`` unchanged. Axes up to ``MATMUL_BLUR_MAX`` pixels
+    are blurred as ``M_h @ x @ M_w^T`` (see ``blur_matrix``), larger ones by 1-D convolutions.
     """
     _check_float(x, "x", 2)
     if sigma <= 0:
         return x
     if mode not in _PAD_MODES:
         raise ParamsError(f"unknown padding mode {mode!r}; use one of {_PAD_MODES}")
-    shape = x.shape
-    h, w = shape[-2], shape[-1]
+    h, w = x.shape[-2], x.shape[-1]
+    if max(h, w) <= MATMUL_BLUR_MAX:
+        mh = blur_matrix(h, sigma, truncate, mode, dtype=x.dtype, device=x.device)
+        mw = mh if w == h else blur_matrix(w, sigma, truncate, mode, dtype=x.dtype, device=x.device)
+        return torch.matmul(torch.matmul(mh, x), mw.T)
     k = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
-    r = (k.numel() - 1) // 2
-    planes = x.reshape(-1, 1, h, w)
-    planes = planes.index_select(2, _pad_index(h, r, mode, x.device))
-    planes = F.conv2d(planes, k.view(1, 1, -1, 1))
-    planes = planes.index_select(3, _pad_index(w, r, mode, x.device))
-    planes = F.conv2d(planes, k.view(1, 1, 1, -1))
-    return planes.reshape(shape)
+    return _blur_conv(x.reshape(-1, 1, h, w), k, mode).reshape(x.shape)
 
 
 def ssim_window_radius(window_sigma: float = 1.5, truncate: float = 3.5) -> int:

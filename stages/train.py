@@ -1,13 +1,15 @@
 """Stages train-baseline and train-multiscale: train one autoencoder per category (params: model.*,
-<model>.*, data.*)."""
+<model>.*, data.*). Runs as one process, or data-parallel under ``torchrun`` (``model.launcher``), where
+only the main process writes the outputs."""
 
 import argparse
 from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
+from aead.distributed import barrier, init_distributed, shutdown
 from aead.params import MODEL_NAMES, load_params
-from aead.training import clear_resume, train_and_save
+from aead.training import clear_resume, select_device, train_and_save
 
 
 def main() -> None:
@@ -20,13 +22,20 @@ def main() -> None:
     parser.add_argument("--resume-dir", help="per-epoch training state of an unfinished run (default: "
                         "models/.resume-<model>); removed when the stage completes")
     args = parser.parse_args()
-    resume_dir = Path(args.resume_dir or f"models/.resume-{args.model}")
-    metrics, rows = train_and_save(load_params(args.params), args.model,
-                                   Path(args.models_dir or f"models/{args.model}"), log=log, resume_dir=resume_dir)
-    io.write_json(args.metrics or f"metrics/train-{args.model}.json", metrics)
-    io.write_csv(args.plot or f"plots/train-{args.model}.csv", rows,
-                 ["model", "category", "epoch", "train_loss", "val_loss", "lr"])
-    clear_resume(resume_dir)
+    params = load_params(args.params)
+    ctx = init_distributed(select_device(params.model.device))
+    try:
+        resume_dir = Path(args.resume_dir or f"models/.resume-{args.model}")
+        metrics, rows = train_and_save(params, args.model, Path(args.models_dir or f"models/{args.model}"),
+                                       log=log, resume_dir=resume_dir, dist_ctx=ctx)
+        if ctx.is_main:
+            io.write_json(args.metrics or f"metrics/train-{args.model}.json", metrics)
+            io.write_csv(args.plot or f"plots/train-{args.model}.csv", rows,
+                         ["model", "category", "epoch", "train_loss", "val_loss", "lr"])
+            clear_resume(resume_dir)
+        barrier(ctx)
+    finally:
+        shutdown(ctx)
 
 
 if __name__ == "__main__":

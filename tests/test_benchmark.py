@@ -16,3 +16,15 @@ def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     for key in ("train_baseline_32", "train_multiscale_32", "evaluate_32"):
         assert results[key]["ours_img_s"] > 0 and results[key]["reference_img_s"] > 0
         assert results[key]["ratio"] > 0
+    assert results["evaluate_32"]["ours_two_stages_img_s"] > 0
+
+
+def test_memory_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    out = tmp_path / "memory.json"
+    subprocess.run([sys.executable, "benchmarks/memory.py", "--sizes", "16", "48", "--image-size", "32",
+                    "--out", str(out)], cwd=repo_root, check=True, capture_output=True, text=True)
+    results = json.loads(out.read_text())
+    assert set(results) == {"16", "48"}
+    for r in results.values():
+        assert r["peak_anon_mib"] > 0 and r["peak_rss_mib"] >= r["peak_anon_mib"]
+    assert results["48"]["train_npy_mib"] > results["16"]["train_npy_mib"]

@@ -74,6 +74,23 @@ def test_repro_runs_every_stage_then_nothing(project):
     run(["git", "commit", "-qm", "default run"], project)
 
 
+def test_pushed_cache_pulled_into_another_clone_leaves_nothing_to_reproduce(project, tmp_path):
+    """A shared DVC remote (here a local folder, the same commands as for S3, GCS, Azure or SSH)."""
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "shared", str(remote)], project)
+    run(["git", "add", ".dvc/config"], project)
+    run(["git", "commit", "-qm", "shared remote"], project)
+    run(["dvc", "push"], project)
+    assert any(remote.rglob("*")), "nothing was pushed"
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "models" / "baseline" / "bottle.pt").exists()
+    run(["dvc", "pull"], clone)
+    assert (clone / "models" / "baseline" / "bottle.pt").is_file()
+    assert "up to date" in run(["dvc", "status"], clone)
+    assert "Running stage" not in run(["dvc", "repro"], clone)
+
+
 def test_exp_run_retrains_models_only_and_metrics_diff_shows_it(project):
     out = run(["dvc", "exp", "run", "-S", "model.lr=1e-4"], project)
     assert "Running stage 'train-baseline'" in out and "Running stage 'train-multiscale'" in out
@@ -132,8 +149,7 @@ def test_repro_force_gives_identical_metrics(project):
 
 def test_queued_experiments_run_concurrently(project):
     run(["git", "checkout", "-q", "HEAD", "--", "."], project)
-    for lr in ("0.003", "0.0005"):
-        run(["dvc", "exp", "run", "--queue", "-S", f"model.lr={lr}"], project)
+    run(["dvc", "exp", "run", "--queue", "-S", "model.lr=0.003,0.0005"], project)  # a two-point sweep
     run(["dvc", "queue", "start", "-j", "2"], project)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -159,3 +175,13 @@ def test_queued_experiments_run_concurrently(project):
 
     walk(shown)
     assert {0.003, 0.0005} <= lrs, f"queued experiments with their metrics not found: {lrs}"
+
+
+def test_torchrun_launcher_is_one_param_away(project):
+    """model.launcher turns the training stages into data-parallel runs (gloo on CPU, 2 processes)."""
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
+    out = run(["dvc", "exp", "run", "-S", "model.launcher=torchrun --standalone --nproc-per-node 2"], project)
+    assert "Running stage 'train-baseline'" in out and "Running stage 'prepare-split'" not in out
+    for model in ("baseline", "multiscale"):
+        assert json.loads((project / "metrics" / f"train-{model}.json").read_text())["world_size"] == 2
+    assert json.loads((project / "metrics" / "evaluate-ssim.json").read_text())["baseline"]["image_auroc"] is not None

@@ -22,7 +22,7 @@ from aead.prepare import prepare_split
 @pytest.fixture
 def setup(tmp_path, raw_params, odd_dataset, repo_root):
     raw = copy.deepcopy(raw_params)
-    raw["data"].update(root=str(odd_dataset), categories=["widget"], image_size=32,
+    raw["data"].update(root=str(odd_dataset), categories=["widget"], image_size=48,
                        prepared_dir=str(tmp_path / "prepared"))
     raw["model"].update(epochs=40, patience=40, batch_size=4)
     raw["baseline"]["base_channels"] = 8
@@ -46,14 +46,15 @@ def test_killed_training_resumes_to_the_same_result(setup, sig):
     proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = work / "resume-cut" / "widget.pt"
     deadline = time.time() + 60
-    while time.time() < deadline:
+    while time.time() < deadline and proc.poll() is None:
         if state.is_file():
             try:
-                if torch.load(state, weights_only=True)["epoch"] >= 3:
+                if torch.load(state, weights_only=True)["epoch"] >= 2:
                     break
             except Exception:  # being replaced at this very moment: look again
                 pass
-        time.sleep(0.02)
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before the test could interrupt it: make it longer"
     os.kill(proc.pid, sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0

@@ -15,7 +15,7 @@ from aead.training import train_autoencoder
 PARAMS = ModelParams(per_category=True, epochs=3, batch_size=4, lr=1e-2, weight_decay=0.0, patience=5,
                      lr_factor=0.5, lr_patience=1, grad_clip=1.0,
                      corruption="perlin", corruption_probability=0.75, ssim_weight=1.0, seed=0, device="cpu",
-                     precision="fp32", num_threads=0)
+                     precision="fp32", num_threads=0, launcher="python")
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:

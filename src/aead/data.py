@@ -51,15 +51,22 @@ class Split:
     masks: np.ndarray | None = None
 
     def select(self, categories: Sequence[str]) -> Split:
-        """The rows of the given categories (the whole split when ``categories`` covers all)."""
-        keep = [i for i, s in enumerate(self.samples) if s.category in set(categories)]
+        """The rows of the given categories (the whole split when ``categories`` covers all).
+
+        prepare-split writes each category's rows together, so the selection is a slice: a view of a
+        memory-mapped array, not a copy in memory. Scattered rows (only possible in a hand-made split) are
+        copied."""
+        wanted = set(categories)
+        keep = [i for i, s in enumerate(self.samples) if s.category in wanted]
         if len(keep) == len(self.samples):
             return self
-        idx = np.asarray(keep, dtype=np.int64)
+        rows: slice | np.ndarray = np.asarray(keep, dtype=np.int64)
+        if keep and keep[-1] - keep[0] + 1 == len(keep):
+            rows = slice(keep[0], keep[-1] + 1)
         return Split(
             samples=[self.samples[i] for i in keep],
-            images=self.images[idx],
-            masks=None if self.masks is None else self.masks[idx],
+            images=self.images[rows],
+            masks=None if self.masks is None else self.masks[rows],
         )
 
 
@@ -225,10 +232,20 @@ def split_train_val(train: list[Sample], val_fraction: float, seed: int) -> tupl
 
 
 def load_split(samples: list[Sample], size: int, with_masks: bool, workers: int = 4,
-               progress: Callable[[int, int], None] | None = None) -> Split:
-    """Decode and resize all ``samples`` (in parallel threads) into one array."""
-    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
-    masks = np.zeros((len(samples), size, size), dtype=np.uint8) if with_masks else None
+               progress: Callable[[int, int], None] | None = None, folder: Path | None = None,
+               name: str = "") -> Split:
+    """Decode and resize all ``samples`` (in parallel threads) into one array.
+
+    With ``folder``, the arrays are written straight into ``<folder>/<name>.npy`` (and ``<name>_masks.npy``)
+    through memory maps, so a split larger than memory can be prepared; otherwise they are in memory."""
+
+    def allocate(suffix: str, shape: tuple[int, ...]) -> np.ndarray:
+        if folder is None:
+            return np.zeros(shape, dtype=np.uint8)
+        return np.lib.format.open_memmap(folder / f"{name}{suffix}.npy", mode="w+", dtype=np.uint8, shape=shape)
+
+    images = allocate("", (len(samples), size, size, 3))
+    masks = allocate("_masks", (len(samples), size, size)) if with_masks else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, (image, mask) in enumerate(pool.map(lambda s: load_sample(s, size), samples)):
             images[i] = image
@@ -236,24 +253,24 @@ def load_split(samples: list[Sample], size: int, with_masks: bool, workers: int 
                 masks[i] = mask
             if progress:
                 progress(i + 1, len(samples))
+    for array in (images, masks):
+        if isinstance(array, np.memmap):
+            array.flush()
     return Split(samples, images, masks)
 
 
-def write_split(folder: Path, name: str, split: Split) -> None:
-    """Write ``<name>.csv`` (manifest), ``<name>.npy`` (images) and for test ``<name>_masks.npy``."""
+def write_manifest(folder: Path, name: str, samples: list[Sample]) -> None:
+    """Write ``<name>.csv``, the manifest of a split whose arrays are (being) written next to it."""
     rows = [
         {"index": i, "path": s.path, "category": s.category, "defect_type": s.defect_type,
          "label": s.label, "mask_path": s.mask_path or ""}
-        for i, s in enumerate(split.samples)
+        for i, s in enumerate(samples)
     ]
     io.write_csv(folder / f"{name}.csv", rows, MANIFEST_COLUMNS)
-    io.write_npy(folder / f"{name}.npy", split.images)
-    if split.masks is not None:
-        io.write_npy(folder / f"{name}_masks.npy", split.masks)
 
 
 def read_split(folder: str | Path, name: str, mmap: bool = True) -> Split:
-    """Read a split written by :func:`write_split` (arrays memory-mapped by default)."""
+    """Read a split written by prepare-split (arrays memory-mapped by default)."""
     folder = Path(folder)
     manifest = folder / f"{name}.csv"
     if not manifest.is_file():

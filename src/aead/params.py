@@ -78,6 +78,7 @@ class ModelParams:
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["auto", "fp32", "bf16"]
     num_threads: int
+    launcher: str
 
     def check(self) -> None:
         _at_least("model.epochs", self.epochs, 1)
@@ -99,6 +100,8 @@ class ModelParams:
             raise ParamsError(f"model.ssim_weight: expected a number >= 0, got {self.ssim_weight!r}")
         if self.grad_clip < 0:
             raise ParamsError(f"model.grad_clip: expected a number >= 0 (0 turns clipping off), got {self.grad_clip!r}")
+        if self.launcher.split()[:1] not in (["python"], ["torchrun"]):
+            raise ParamsError(f"model.launcher: expected 'python' or a 'torchrun ...' command line, got {self.launcher!r}")
 
 
 @dataclass(frozen=True)

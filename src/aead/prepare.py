@@ -1,4 +1,5 @@
-"""The prepare-split stage: scan the MVTec-layout root, split train/val, cache resized arrays."""
+"""The prepare-split stage: scan the MVTec-layout root, split train/val, cache resized arrays (written through
+memory maps, so a data set larger than memory can be prepared)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aead import io
-from aead.data import Sample, load_split, scan_category, split_train_val, write_split
+from aead.data import Sample, load_split, scan_category, split_train_val, write_manifest
 from aead.errors import DataError
 from aead.params import DataParams
 
@@ -43,7 +44,8 @@ def prepare_split(data: DataParams, log: Callable[[str], None] = print) -> tuple
     with io.atomic_dir(out) as tmp:
         for name, samples in splits.items():
             log(f"decoding {len(samples)} {name} images at {data.image_size} px")
-            write_split(tmp, name, load_split(samples, data.image_size, with_masks=(name == "test")))
+            load_split(samples, data.image_size, with_masks=(name == "test"), folder=tmp, name=name)
+            write_manifest(tmp, name, samples)
     totals = {k: sum(c[k] for c in counts.values()) for k in ("train", "val", "test_good", "test_anomalous", "test_with_mask")}
     metrics = {"image_size": data.image_size, "total": totals, "categories": counts}
     rows = [

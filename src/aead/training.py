@@ -1,6 +1,9 @@
 """The training loop: L1 reconstruction, Adam, ReduceLROnPlateau, early stopping, gradient clipping,
-mixed precision (bf16). Images arrive as cached uint8 arrays and stay in memory (on the GPU when
-training there), so no image is decoded during training.
+mixed precision (bf16), and data-parallel training under ``torchrun`` (DistributedDataParallel).
+
+Images arrive as the cached uint8 arrays of prepare-split, memory-mapped: each batch is gathered from the
+file, so memory does not grow with the data set (on a GPU the whole array is uploaded once when it fits).
+No image is decoded during training.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from aead import io
 from aead.corruption import corrupt_batch
 from aead.maps import rgb_to_gray, ssim_map
 from aead.checkpoint import JOINT, checkpoint_name, save_checkpoint
 from aead.data import manifest_digest, read_split
+from aead.distributed import SINGLE, DistContext, all_reduce_sum, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
 from aead.params import ModelParams, Params
 from aead.torch_model import build_model, count_parameters
@@ -58,6 +63,36 @@ def to_tensor(images: np.ndarray, device: torch.device) -> Tensor:
 def to_float(batch: Tensor) -> Tensor:
     """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU)."""
     return (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
+
+
+# Upload the whole training array to the GPU when it takes at most this share of the free GPU memory.
+GPU_RESIDENT_SHARE = 0.25
+
+
+class ImageSource:
+    """Batches of float images from a (N, H, W, 3) uint8 array, usually a memory map of prepare-split's cache.
+
+    On CUDA the whole array is uploaded once if it fits in ``GPU_RESIDENT_SHARE`` of the free memory;
+    otherwise (and always on CPU) each batch is gathered from the array, so only the pages in use are read.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device):
+        self.images = images
+        self.device = device
+        self.resident: Tensor | None = None
+        if device.type == "cuda" and images.nbytes <= GPU_RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]:
+            self.resident = to_tensor(images, device)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, rows: Tensor | np.ndarray | slice) -> Tensor:
+        """Float channels-last batch of the given rows, on the device."""
+        if self.resident is not None:
+            index = rows if isinstance(rows, slice) else torch.as_tensor(rows, device=self.device)
+            return to_float(self.resident[index])
+        index = rows if isinstance(rows, slice) else torch.as_tensor(rows).cpu().numpy()
+        return to_float(to_tensor(self.images[index], self.device))
 
 
 @dataclass
@@ -104,29 +139,47 @@ def train_autoencoder(
     tag: str = "",
     resume: Path | None = None,
     fingerprint: str = "",
+    dist_ctx: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``model`` to reconstruct ``train_images``; stop early on the validation loss.
 
-    ``train_images`` and ``val_images`` are (N, H, W, 3) uint8. Returns the weights of the epoch with the
-    lowest validation loss. A NaN or infinite loss stops with :class:`TrainingError`.
+    ``train_images`` and ``val_images`` are (N, H, W, 3) uint8 arrays (memory maps are read batch by batch).
+    Returns the weights of the epoch with the lowest validation loss. A NaN or infinite loss stops with
+    :class:`TrainingError`.
 
     With ``resume``, the complete training state (weights, optimiser, scheduler, early stopping, random
     generators) is saved there atomically after every epoch; a later call with the same ``fingerprint``
     continues after the last completed epoch and ends exactly as an uninterrupted run would.
+
+    Under torchrun (``dist_ctx``), ``model.batch_size`` is the global batch: every process draws the same
+    permutation, corrupts the same global batch and trains on its own contiguous part of it, with the loss
+    weighted so that the averaged gradient is the gradient of the global batch mean. Validation is split
+    across processes and summed. BatchNorm is synchronised on CUDA (SyncBatchNorm); on CPU (gloo) each
+    process normalises with its own part's statistics. Only the main process logs and writes resume state.
     """
+    world = dist_ctx.world_size
+    if params.batch_size < 2 * world and len(train_images) > 1:
+        raise ParamsError(f"model.batch_size: {params.batch_size} is the global batch; with {world} processes "
+                          f"each needs at least 2 images (BatchNorm), so use at least {2 * world}")
     gen = torch.Generator().manual_seed(params.seed)
     model = model.to(device).to(memory_format=torch.channels_last)
-    train_x = to_tensor(train_images, device)
-    val_x = to_tensor(val_images, device)
+    net: nn.Module = model
+    if dist_ctx.enabled:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_x = ImageSource(train_images, device)
+    val_x = ImageSource(val_images, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.lr_factor, patience=params.lr_patience
     )
     autocast, scaler = autocast_for(device, params.precision)
     corrupt_gen = torch.Generator().manual_seed(params.seed + 1)
-    val_input = _corrupted_copy(val_x, params, seed=params.seed + 2)
-    n = train_x.shape[0]
+    n = len(train_x)
     batch_size = min(params.batch_size, n)
+    if not dist_ctx.is_main:
+        log = _quiet
 
     state: dict[str, Any] = {
         "fingerprint": fingerprint, "epoch": 0, "best": math.inf, "best_epoch": 0, "bad_epochs": 0,
@@ -145,24 +198,29 @@ def train_autoencoder(
         state = {k: saved[k] for k in state}
     start = time.perf_counter() - state["seconds"]
     epoch = state["epoch"]
+    # drop a last partial batch that leaves a process a single image: BatchNorm cannot train on one sample
+    stops = [s for s in range(0, n, batch_size) if min(s + batch_size, n) - s >= 2 * world or n == 1]
+    trained = sum(min(s + batch_size, n) - s for s in stops)
     while not state["done"] and epoch < params.epochs:
         epoch += 1
-        model.train()
-        order = torch.randperm(n, generator=gen).to(device)
+        net.train()
+        order = torch.randperm(n, generator=gen)
         total = torch.zeros((), device=device)
-        # drop a last partial batch of one image: BatchNorm cannot train on a single sample
-        stops = [s for s in range(0, n, batch_size) if min(s + batch_size, n) - s > 1 or n == 1]
         for s in stops:
-            x = to_float(train_x[order[s : s + batch_size]])
-            loss = train_step(model, optimizer, x, params, corrupt_gen, autocast, scaler)
-            total += loss * x.shape[0]
-            state["seen"] += x.shape[0]
-        trained = sum(min(s + batch_size, n) - s for s in stops)
-        train_loss = float(total) / max(trained, 1)
-        val_loss = evaluate_loss(model, val_input, val_x, batch_size, device, params.ssim_weight,
-                                 params.precision)
+            e = min(s + batch_size, n)
+            lo, hi = shard(0, e - s, dist_ctx)
+            rows = order[s:e] if params.corruption != "none" else order[s + lo : s + hi]
+            part = slice(lo, hi) if params.corruption != "none" else slice(None)
+            weight = (hi - lo) * world / (e - s)
+            loss = train_step(net, optimizer, train_x.batch(rows), params, corrupt_gen, autocast, scaler,
+                              part=part, loss_weight=weight)
+            total += loss * (hi - lo)
+            state["seen"] += e - s
+        train_loss = float(all_reduce_sum(total, dist_ctx)) / max(trained, 1)
+        _sync_buffers(model, dist_ctx)
+        val_loss = validation_loss(model, val_x, params, device, dist_ctx)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            if resume is not None:
+            if resume is not None and dist_ctx.is_main:
                 resume.unlink(missing_ok=True)
             raise TrainingError(
                 f"{tag}: loss became {'NaN' if math.isnan(train_loss) or math.isnan(val_loss) else 'infinite'} "
@@ -188,7 +246,7 @@ def train_autoencoder(
             state["done"] = True
         if epoch == params.epochs:
             state["done"] = True
-        if resume is not None:
+        if resume is not None and dist_ctx.is_main:
             io.save_torch(resume, {
                 **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
@@ -204,6 +262,17 @@ def train_autoencoder(
         images_per_second=state["seen"] / seconds if seconds > 0 else 0.0,
         history=state["history"],
     )
+
+
+def _quiet(message: str) -> None:
+    """The log of processes other than the main one."""
+
+
+def _sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Give every process the main process's BatchNorm running statistics (before validation)."""
+    if ctx.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _load_resume(path: Path | None, fingerprint: str, log: Log, tag: str) -> dict[str, Any] | None:
@@ -223,23 +292,29 @@ def _load_resume(path: Path | None, fingerprint: str, log: Log, tag: str) -> dic
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, params: ModelParams,
-               corrupt_gen: torch.Generator, autocast: Any, scaler: torch.amp.GradScaler | None) -> Tensor:
+               corrupt_gen: torch.Generator, autocast: Any, scaler: torch.amp.GradScaler | None,
+               part: slice = slice(None), loss_weight: float = 1.0) -> Tensor:
     """One optimisation step on the clean float batch ``x``: corrupt it (per ``model.corruption``),
     reconstruct, L1 (+ SSIM) loss against the clean batch, clip, step. Returns the loss on the device
-    (no host synchronisation)."""
+    (no host synchronisation).
+
+    ``part``: the rows of ``x`` this process trains on after the whole batch was corrupted (data-parallel
+    training); ``loss_weight`` scales the loss that is back-propagated, not the one returned."""
     inp = x
     if params.corruption != "none":
         inp, _ = corrupt_batch(x, params.corruption, corrupt_gen, params.corruption_probability)
         inp = inp.contiguous(memory_format=torch.channels_last)
+    x, inp = x[part], inp[part]
     with autocast:
         recon = model(inp).float()
     loss = reconstruction_loss(recon, x, params.ssim_weight)
     optimizer.zero_grad(set_to_none=True)
+    scaled = loss * loss_weight if loss_weight != 1.0 else loss
     if scaler is not None:
-        scaler.scale(loss).backward()
+        scaler.scale(scaled).backward()
         scaler.unscale_(optimizer)
     else:
-        loss.backward()
+        scaled.backward()
     if params.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
     if scaler is not None:
@@ -258,33 +333,37 @@ def reconstruction_loss(recon: Tensor, target: Tensor, ssim_weight: float) -> Te
     return loss
 
 
-def _corrupted_copy(images: Tensor, params: ModelParams, seed: int) -> Tensor:
-    """The validation inputs: corrupted once with a fixed seed (so the loss is comparable across epochs),
-    as uint8 NCHW like ``images``; unchanged when training without corruption."""
-    if params.corruption == "none":
-        return images
-    gen = torch.Generator().manual_seed(seed)
-    out = torch.empty_like(images)
-    for s in range(0, images.shape[0], 64):
-        x = images[s : s + 64].float() / 255.0
-        corrupted, _ = corrupt_batch(x, params.corruption, gen, params.corruption_probability)
-        out[s : s + 64] = (corrupted * 255.0).round().clamp(0, 255).to(torch.uint8)
-    return out
+# Validation images are corrupted in chunks of this many, each chunk with its own fixed seed: the same
+# inputs every epoch, for any batch size or number of processes, without keeping a corrupted copy in memory.
+VAL_CHUNK = 64
 
 
 @torch.inference_mode()
-def evaluate_loss(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device,
-                  ssim_weight: float, precision: str = "auto") -> float:
-    """Mean training objective of ``model`` (eval mode) reconstructing uint8 NCHW ``targets`` from ``inputs``."""
+def validation_loss(model: nn.Module, val: ImageSource, params: ModelParams, device: torch.device,
+                    dist_ctx: DistContext = SINGLE) -> float:
+    """Mean training objective (eval mode) of reconstructing the validation images from their corrupted
+    copies (the clean images when training without corruption). Chunks are shared out across processes."""
     model.eval()
-    autocast, _ = autocast_for(device, precision)
-    total = 0.0
-    for s in range(0, inputs.shape[0], batch_size):
-        x, y = to_float(inputs[s : s + batch_size]), to_float(targets[s : s + batch_size])
-        with autocast:
-            recon = model(x).float()
-        total += float(reconstruction_loss(recon, y, ssim_weight)) * x.shape[0]
-    return total / inputs.shape[0]
+    autocast, _ = autocast_for(device, params.precision)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    n = len(val)
+    for k, c in enumerate(range(0, n, VAL_CHUNK)):
+        if k % dist_ctx.world_size != dist_ctx.rank:
+            continue
+        clean = val.batch(slice(c, min(c + VAL_CHUNK, n)))
+        inputs = clean
+        if params.corruption != "none":
+            gen = torch.Generator().manual_seed(params.seed + 2 + 1_000_003 * k)
+            inputs, _ = corrupt_batch(clean, params.corruption, gen, params.corruption_probability)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        for s in range(0, clean.shape[0], params.batch_size):
+            x, y = inputs[s : s + params.batch_size], clean[s : s + params.batch_size]
+            with autocast:
+                recon = model(x).float()
+            totals[0] += reconstruction_loss(recon, y, params.ssim_weight).double() * x.shape[0]
+            totals[1] += x.shape[0]
+    totals = all_reduce_sum(totals, dist_ctx)
+    return float(totals[0] / totals[1])
 
 
 def train_and_save(
@@ -293,6 +372,7 @@ def train_and_save(
     models_dir: Path,
     log: Log = print,
     resume_dir: Path | None = None,
+    dist_ctx: DistContext = SINGLE,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train ``model_name`` per category (or one joint model) on the prepared split and write the
     checkpoints into ``models_dir`` (replaced whole, atomically).
@@ -301,9 +381,11 @@ def train_and_save(
     resumes where it stopped when params and data are unchanged; remove it with :func:`clear_resume`
     once the stage's outputs are written. Returns the metrics (per category: best validation loss, epochs,
     parameters, seconds, images/s) and the loss-curve rows for the plots CSV.
+
+    Under torchrun every process trains (``dist_ctx``), only the main one writes ``models_dir``.
     """
     configure_threads(params.model.num_threads)
-    device = select_device(params.model.device)
+    device = process_device(select_device(params.model.device), dist_ctx)
     prepared = Path(params.data.prepared_dir)
     train_split = read_split(prepared, "train")
     val_split = read_split(prepared, "val")
@@ -313,10 +395,13 @@ def train_and_save(
     )
     arch = params.arch(model_name)
     digests = {s: manifest_digest(prepared, s) for s in ("train", "val")}
-    log(f"training {model_name} on {device} ({'per category' if params.model.per_category else 'one joint model'})")
-    metrics: dict[str, Any] = {"device": str(device), "per_category": params.model.per_category, "categories": {}}
+    processes = f", {dist_ctx.world_size} processes" if dist_ctx.enabled else ""
+    log(f"training {model_name} on {device}{processes} "
+        f"({'per category' if params.model.per_category else 'one joint model'})")
+    metrics: dict[str, Any] = {"device": str(device), "world_size": dist_ctx.world_size,
+                               "per_category": params.model.per_category, "categories": {}}
     rows: list[dict[str, Any]] = []
-    with io.atomic_dir(models_dir) as tmp_dir:
+    with io.atomic_dir(models_dir) if dist_ctx.is_main else nullcontext(None) as tmp_dir:
         for name, cats in groups:
             train = train_split.select(cats)
             val = val_split.select(cats)
@@ -335,17 +420,18 @@ def train_and_save(
                 "manifest_sha256": digests,
             }
             fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-            result = train_autoencoder(model, np.asarray(train.images), np.asarray(val.images), params.model, device,
+            result = train_autoencoder(model, train.images, val.images, params.model, device,
                                        log, tag=f"{model_name}/{label}",
                                        resume=resume_dir / f"{label}.pt" if resume_dir else None,
-                                       fingerprint=fingerprint)
+                                       fingerprint=fingerprint, dist_ctx=dist_ctx)
             meta = {
                 **recipe,
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
             }
-            save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta)
+            if tmp_dir is not None:
+                save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta)
             summary = {
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,

@@ -64,3 +64,28 @@ def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noq
     assert out.returncode == 0, out.stderr
     score, raw, shape = out.stdout.split(" ", 2)
     assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"
+
+
+def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path):  # noqa: F811
+    """Same resize, model, map, score and normalisation: the exported file gives `aead predict`'s scores on
+    real images of other sizes (exactly up to float rounding when both compute in fp32; in bf16 autocast,
+    `model.precision: auto` on CPUs with native bf16, predict differs by the bf16 rounding)."""
+    import dataclasses
+
+    from aead.params import load_params
+    from aead.predict import predict
+
+    work, _, root = pipeline
+    params = load_params(work / "params.yaml")
+    params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="fp32"))
+    export_all(params, work / "models", tmp_path / "export", "ssim")
+    scripted = torch.jit.load(str(tmp_path / "export" / "baseline-widget.pt"))
+    images = real_images(root)
+    rows = predict(images, "baseline", "widget", "ssim", params, work / "models", tmp_path / "out", log=lambda m: None)
+    assert len(rows) == len(images) and all(not r.error for r in rows)
+    for path, row in zip(images, rows):
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+        with torch.no_grad():
+            score, raw, _ = scripted(image)
+        assert float(raw) == pytest.approx(row.raw_score, rel=1e-5, abs=1e-7), path
+        assert float(score) == pytest.approx(row.score, rel=1e-5, abs=1e-7), path

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from aead import io
@@ -187,10 +189,15 @@ def _open(path: Path) -> Image.Image:
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to (size, size, 3) with antialiased bilinear filtering."""
+    """Resize (H, W, 3) uint8 to (size, size, 3) with torch's antialiased bilinear filter, rounded to uint8.
+
+    The exported TorchScript detector runs exactly these operations in its graph, so its scores equal the
+    pipeline's and ``aead predict``'s."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -4,8 +4,8 @@ this package.
 Input: one uint8 RGB image tensor (H, W, 3) of any size (repeat a grayscale image to 3 channels first).
 Output: ``(score, raw_score, anomaly_map)``: the score normalised so the calibrated threshold is 0.5 (above
 0.5 = anomalous), the raw image score, and the (image_size, image_size) anomaly map.
-The graph resizes with torch's antialiased bilinear filter; the pipeline resizes with PIL's, so its scores
-can differ from `aead predict` by the difference of the two resamplers (about 1/255 per pixel).
+The graph resizes with the same operations as the pipeline (``data.resize_image``), so its scores equal
+those of the evaluation stages and of `aead predict`.
 """
 
 from __future__ import annotations

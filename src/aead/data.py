@@ -195,7 +195,7 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     pipeline's and ``aead predict``'s."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
 

@@ -33,6 +33,8 @@ def test_committed_params_are_valid(repo_root):
         ("data", "categories", ["a", "a"], "more than once"),
         ("evaluate", "image_score", "median", "evaluate.image_score"),
         ("baseline", "base_channels", 0, "baseline.base_channels"),
+        ("model", "launcher", "bash -c rm", "model.launcher: expected a Python interpreter"),
+        ("model", "launcher", "", "model.launcher"),
     ],
 )
 def test_bad_values_name_the_key(raw_params, section, key, value, message):
@@ -66,3 +68,11 @@ def test_missing_or_broken_file(tmp_path):
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(broken)
+
+
+@pytest.mark.parametrize("launcher", ["python", "python3", "/opt/venv/bin/python3.11",
+                                      "torchrun --standalone --nproc-per-node 2"])
+def test_launchers_accepted(raw_params, launcher):
+    raw = copy.deepcopy(raw_params)
+    raw["model"]["launcher"] = launcher
+    assert parse_params(raw).model.launcher == launcher

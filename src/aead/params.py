@@ -100,8 +100,10 @@ class ModelParams:
             raise ParamsError(f"model.ssim_weight: expected a number >= 0, got {self.ssim_weight!r}")
         if self.grad_clip < 0:
             raise ParamsError(f"model.grad_clip: expected a number >= 0 (0 turns clipping off), got {self.grad_clip!r}")
-        if self.launcher.split()[:1] not in (["python"], ["torchrun"]):
-            raise ParamsError(f"model.launcher: expected 'python' or a 'torchrun ...' command line, got {self.launcher!r}")
+        program = Path(self.launcher.split()[0]).name if self.launcher.split() else ""
+        if not (program.startswith("python") or program == "torchrun"):
+            raise ParamsError(f"model.launcher: expected a Python interpreter (python, python3, a venv's python) or "
+                              f"a 'torchrun ...' command line, got {self.launcher!r}")
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,11 @@ def project(tmp_path_factory, raw_params_module, repo_root):
     return work, repo_root
 
 
-def train(work: Path, repo: Path, tag: str, processes: int) -> dict:
+def train(work: Path, repo: Path, tag: str, processes: int, params: str = "params.yaml") -> dict:
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = launcher + [str(repo / "stages" / "train.py"), "--model", "baseline", "--params", str(work / "params.yaml"),
+    cmd = launcher + [str(repo / "stages" / "train.py"), "--model", "baseline", "--params", str(work / params),
                       "--models-dir", str(work / f"models-{tag}"), "--metrics", str(work / f"{tag}.json"),
                       "--plot", str(work / f"{tag}.csv"), "--resume-dir", str(work / f"resume-{tag}")]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -68,6 +68,19 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(project
     assert two["log"].count("epoch 1/3") == 1, "only the main process logs"
 
 
+def test_without_corruption_each_process_reads_only_its_part(project):
+    """Corruption off: each process gathers just its rows of the global batch; the curves still agree."""
+    work, repo = project
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["model"].update(corruption="none", epochs=2)
+    (work / "params-plain.yaml").write_text(yaml.safe_dump(raw))
+    one = train(work, repo, "plain-one", 1, "params-plain.yaml")
+    two = train(work, repo, "plain-two", 2, "params-plain.yaml")
+    for a, b in zip(one["rows"], two["rows"]):
+        for key in ("train_loss", "val_loss"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=LOSS_RTOL), (key, a, b)
+
+
 def test_too_small_global_batch_is_refused(project):
     work, repo = project
     raw = yaml.safe_load((work / "params.yaml").read_text())
@@ -90,3 +103,47 @@ def test_shards_cover_a_batch_once(n, world):
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     sizes = [hi - lo for lo, hi in parts]
     assert max(sizes) - min(sizes) <= 1
+
+
+EXACT_SCRIPT = """
+import json, os, sys
+import numpy as np, torch
+from aead.distributed import init_distributed, shutdown
+from aead.params import ModelParams
+from aead.training import train_autoencoder
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1))
+images = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
+params = ModelParams(per_category=True, epochs=3, batch_size=6, lr=1e-2, weight_decay=0.0, patience=5, lr_factor=0.5,
+                     lr_patience=2, grad_clip=0.5, corruption=sys.argv[2], corruption_probability=1.0,
+                     ssim_weight=1.0, seed=0, device="cpu", precision="fp32", num_threads=1, launcher="python")
+ctx = init_distributed(torch.device("cpu"))
+result = train_autoencoder(model, images, images[:5], params, torch.device("cpu"), log=lambda m: None, dist_ctx=ctx)
+if ctx.is_main:
+    json.dump(result.history, open(sys.argv[1], "w"))
+shutdown(ctx)
+"""
+
+
+@pytest.mark.parametrize("corruption", ["none", "perlin"])
+def test_without_batchnorm_two_processes_follow_one_exactly(tmp_path, corruption):
+    """With a BatchNorm-free model the only difference left is float summation order: the loss weighting
+    makes the averaged gradient that of the global batch even when the parts differ in size (11 images,
+    global batch 6: parts of 3 and 3, then 3 and 2)."""
+    script = tmp_path / "exact.py"
+    script.write_text(EXACT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"history-{processes}.json"
+        launcher = [sys.executable] if processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        done = subprocess.run(launcher + [str(script), str(out), corruption], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        runs[processes] = json.loads(out.read_text())
+    assert len(runs[1]) == len(runs[2]) == 3
+    for a, b in zip(runs[1], runs[2]):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)

@@ -64,3 +64,22 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"nope")
     with pytest.raises(CheckpointError, match="bad.pt"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_image_source_gives_the_same_batches_from_a_memory_map_and_from_a_resident_copy(tmp_path):
+    """The per-batch path (CPU, memory map) and the whole-array path (what CUDA uses when it fits)."""
+    from aead.training import ImageSource
+
+    images = np.random.default_rng(0).integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", images)
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+    lazy = ImageSource(mapped, torch.device("cpu"))
+    whole = ImageSource(mapped, torch.device("cpu"), resident=True)
+    assert lazy.resident is None and whole.resident is not None and len(lazy) == len(whole) == 10
+    for rows in (torch.tensor([7, 2, 2, 9]), slice(3, 8), np.array([0])):
+        a, b = lazy.batch(rows), whole.batch(rows)
+        assert a.dtype == torch.float32 and a.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        index = rows if isinstance(rows, slice) else np.asarray(rows)
+        expected = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 255.0
+        torch.testing.assert_close(a, expected, rtol=0, atol=0)

@@ -76,11 +76,14 @@ class ImageSource:
     otherwise (and always on CPU) each batch is gathered from the array, so only the pages in use are read.
     """
 
-    def __init__(self, images: np.ndarray, device: torch.device):
+    def __init__(self, images: np.ndarray, device: torch.device, resident: bool | None = None):
+        """``resident``: force (True) or forbid (False) uploading the whole array; None decides as above."""
         self.images = images
         self.device = device
         self.resident: Tensor | None = None
-        if device.type == "cuda" and images.nbytes <= GPU_RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]:
+        if resident is None:
+            resident = device.type == "cuda" and images.nbytes <= GPU_RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+        if resident:
             self.resident = to_tensor(images, device)
 
     def __len__(self) -> int:

@@ -7,11 +7,14 @@ import copy
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aead.distributed import DistContext, shard
@@ -39,14 +42,18 @@ def project(tmp_path_factory, raw_params_module, repo_root):
     return work, repo_root
 
 
-def train(work: Path, repo: Path, tag: str, processes: int, params: str = "params.yaml") -> dict:
+def train_cmd(work: Path, repo: Path, tag: str, processes: int, params: str = "params.yaml") -> list[str]:
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = launcher + [str(repo / "stages" / "train.py"), "--model", "baseline", "--params", str(work / params),
+    return launcher + [str(repo / "stages" / "train.py"), "--model", "baseline", "--params", str(work / params),
                       "--models-dir", str(work / f"models-{tag}"), "--metrics", str(work / f"{tag}.json"),
                       "--plot", str(work / f"{tag}.csv"), "--resume-dir", str(work / f"resume-{tag}")]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+def train(work: Path, repo: Path, tag: str, processes: int, params: str = "params.yaml") -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(train_cmd(work, repo, tag, processes, params), capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = list(csv.DictReader((work / f"{tag}.csv").open()))
     return {"metrics": json.loads((work / f"{tag}.json").read_text()), "rows": rows, "log": done.stdout + done.stderr}
@@ -147,3 +154,36 @@ def test_without_batchnorm_two_processes_follow_one_exactly(tmp_path, corruption
     for a, b in zip(runs[1], runs[2]):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+
+
+def test_killed_distributed_training_resumes_to_the_same_result(project):
+    """SIGTERM to torchrun mid-run: no outputs; the rerun resumes from the main process's state and ends
+    exactly as an uninterrupted 2-process run."""
+    work, repo = project
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["model"].update(epochs=12, patience=12)
+    (work / "params-long.yaml").write_text(yaml.safe_dump(raw))
+    whole = train(work, repo, "long-whole", 2, "params-long.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(work, repo, "long-cut", 2, "params-long.yaml"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = work / "resume-long-cut" / "bottle.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if state.is_file() and torch.load(state, weights_only=True)["epoch"] >= 2:
+                break
+        except Exception:  # being replaced at this very moment: look again
+            pass
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before the test could interrupt it: make it longer"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not (work / "long-cut.json").exists() and not (work / "models-long-cut").exists()
+    again = train(work, repo, "long-cut", 2, "params-long.yaml")
+    assert "resuming after epoch" in again["log"]
+    assert again["rows"] == whole["rows"]
+    a = torch.load(work / "models-long-whole" / "bottle.pt", weights_only=True)["state_dict"]
+    b = torch.load(work / "models-long-cut" / "bottle.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -196,8 +196,15 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape[0] == size and image.shape[1] == size:
         return image
     x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None].float()
+    return resize_batch(x, size).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+
+
+def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) float images with values in [0, 255] -> (N, C, size, size): antialiased bilinear, rounded
+    and clipped to whole values in [0, 255]. The one resize of the pipeline, ``aead predict`` and the
+    exported detector."""
     y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return y.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return y.round().clamp(0, 255)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

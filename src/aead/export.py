@@ -4,8 +4,8 @@ this package.
 Input: one uint8 RGB image tensor (H, W, 3) of any size (repeat a grayscale image to 3 channels first).
 Output: ``(score, raw_score, anomaly_map)``: the score normalised so the calibrated threshold is 0.5 (above
 0.5 = anomalous), the raw image score, and the (image_size, image_size) anomaly map.
-The graph resizes with the same operations as the pipeline (``data.resize_image``), so its scores equal
-those of the evaluation stages and of `aead predict`.
+The graph resizes and computes maps with the same functions as the pipeline (``data.resize_batch``,
+``evaluation.anomaly_maps``), so its scores equal those of the evaluation stages and of `aead predict`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from aead import io, maps
 from aead.calibration import Calibration, normalize_scores
+from aead.data import resize_batch
+from aead.evaluation import anomaly_maps
 from aead.params import Params
 from aead.predict import load_trained
 
@@ -40,15 +41,10 @@ class Detector(nn.Module):
         self.register_buffer("cal", calibration.bounds())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = image.permute(2, 0, 1).unsqueeze(0).float()
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                          antialias=True)
-        x = (x.round().clamp(0, 255) / 255.0).contiguous(memory_format=torch.channels_last)
+        x = resize_batch(image.permute(2, 0, 1).unsqueeze(0).float(), self.image_size) / 255.0
+        x = x.contiguous(memory_format=torch.channels_last)
         recon = self.model(x).float()
-        if self.method == "l1":
-            amap = maps.gaussian_blur(maps.l1_map(x, recon)[:, None], self.smooth_sigma)[:, 0]
-        else:
-            amap = maps.ssim_error_map(x, recon, window_sigma=self.window_sigma, smooth_sigma=self.smooth_sigma)
+        amap = anomaly_maps(self.method, x, recon, self.smooth_sigma, self.window_sigma)  # type: ignore[arg-type]
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
         score = normalize_scores(raw, self.cal)
         return score, raw, amap[0]

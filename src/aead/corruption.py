@@ -488,10 +488,10 @@ def corrupt_batch(
     _check(mode, probability)
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"corrupt_batch expects images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    n, _, h, w = images.shape
+    n = images.shape[0]
     device = images.device
     if mode == "none" or n == 0 or probability == 0:
-        return images.clone(), torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
+        return _untouched(images)
 
     work = images.float()
     selected = _rand(generator, (n,), "cpu") < float(probability)
@@ -502,8 +502,7 @@ def corrupt_batch(
     else:
         choice = torch.full((n,), ("perlin", "cutpaste", "erase").index(mode), dtype=torch.long)
 
-    out = None
-    mask = None
+    result: tuple[Tensor, Tensor] | None = None  # (out, mask), allocated when a first subset is corrupted
     for code in range(3):
         idx = (selected & (choice == code)).nonzero()[:, 0]
         if idx.numel() == 0:
@@ -519,11 +518,13 @@ def corrupt_batch(
             corrupted, sub_mask = _erase_mode(sub, generator)
         if whole:
             return corrupted.to(images.dtype), sub_mask
-        if out is None or mask is None:
-            out = images.clone()
-            mask = torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
+        out, mask = result = result or _untouched(images)
         out[idx_d] = corrupted.to(out.dtype)
         mask[idx_d] = sub_mask
-    if out is None or mask is None:  # nothing selected
-        return images.clone(), torch.zeros((n, 1, h, w), device=device, dtype=torch.float32)
-    return out, mask
+    return result or _untouched(images)  # nothing selected: unchanged
+
+
+def _untouched(images: Tensor) -> tuple[Tensor, Tensor]:
+    """A copy of ``images`` and an all-zero (N, 1, H, W) defect mask."""
+    n, _, h, w = images.shape
+    return images.clone(), torch.zeros((n, 1, h, w), device=images.device, dtype=torch.float32)

@@ -212,8 +212,10 @@ def train_autoencoder(
         for s in stops:
             e = min(s + batch_size, n)
             lo, hi = shard(0, e - s, dist_ctx)
-            rows = order[s:e] if params.corruption != "none" else order[s + lo : s + hi]
-            part = slice(lo, hi) if params.corruption != "none" else slice(None)
+            if params.corruption == "none":  # this process needs only its own rows
+                rows, part = order[s + lo : s + hi], slice(None)
+            else:  # every process corrupts the whole batch, so the corruption draws stay in step
+                rows, part = order[s:e], slice(lo, hi)
             weight = (hi - lo) * world / (e - s)
             loss = train_step(net, optimizer, train_x.batch(rows), params, corrupt_gen, autocast, scaler,
                               part=part, loss_weight=weight)

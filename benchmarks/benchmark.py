@@ -169,7 +169,7 @@ def bench_evaluation(samples: list[Sample], size: int, channels: int, batch_size
                 model(one)
 
     autocast, _ = autocast_for(torch.device("cpu"), params.model.precision)
-    fast = build_model("multiscale", channels, seed=0).eval().to(memory_format=torch.channels_last)
+    fast = ck.model.to(memory_format=torch.channels_last)  # the same weights as the reference's model
     one_cl = one.contiguous(memory_format=torch.channels_last)
 
     def ours_forward() -> None:

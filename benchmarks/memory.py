@@ -28,7 +28,7 @@ import numpy as np
 import yaml
 
 from aead import io
-from aead.data import MANIFEST_COLUMNS, read_split
+from aead.data import read_split, write_manifest
 from aead.params import parse_params
 from aead.prepare import prepare_split
 from aead.synthetic import generate_dataset
@@ -53,10 +53,7 @@ def grow_split(prepared: Path, n: int) -> None:
     """Rewrite the prepared train split with ``n`` images, repeating the generated ones."""
     base = read_split(prepared, "train", mmap=False)
     reps = np.arange(n) % len(base.samples)
-    rows = [{"index": i, "path": base.samples[j].path, "category": base.samples[j].category,
-             "defect_type": base.samples[j].defect_type, "label": base.samples[j].label, "mask_path": ""}
-            for i, j in enumerate(reps)]
-    io.write_csv(prepared / "train.csv", rows, MANIFEST_COLUMNS)
+    write_manifest(prepared, "train", [base.samples[j] for j in reps])
     io.write_npy(prepared / "train.npy", base.images[reps])
 
 

@@ -28,10 +28,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", type=Path, default=Path("models"))
-    parser.add_argument("--method", default="ssim", choices=["l1", "ssim"], help="the method that was exported")
+    parser.add_argument("--method", choices=["l1", "ssim", "seg"],
+                        help="the method that was exported (default: export.method)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: model.precision")
     args = parser.parse_args()
     params = load_params(args.params)
+    method = args.method or params.export.method
     if args.precision:
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision=args.precision))
     print(f"exported (fp32) vs aead predict (model.precision={params.model.precision}), normalised scores:")
@@ -43,7 +45,7 @@ def main() -> None:
             with torch.no_grad():
                 exported = np.array([float(detector(torch.from_numpy(read_image(p).copy()))[0]) for p in paths])
             with tempfile.TemporaryDirectory() as out:  # predict also writes heatmaps and masks
-                rows = predict(paths, model, category, args.method, params, args.models_root, Path(out),
+                rows = predict(paths, model, category, method, params, args.models_root, Path(out),
                                log=lambda m: None)
             ours = np.array([r.score for r in rows])
             diff = np.abs(ours - exported)

@@ -1,20 +1,31 @@
-"""Stages evaluate-l1 and evaluate-ssim: score the test split with both trained models
-(params: evaluate.*, data.*, model.device, model.num_threads)."""
+"""Stages evaluate-l1, evaluate-ssim and evaluate-seg: score the test split with both trained models
+(params: evaluate.*, data.*, model.device, model.num_threads; evaluate-seg also segmentation.steps)."""
 
 import argparse
 from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.evaluation import SCORE_NAMES, calibration_record, evaluate, heatmap_picker
+from aead.evaluation import METHODS, SCORE_NAMES, calibration_record, evaluate, heatmap_picker, no_head_record
 from aead.params import load_params
-from aead.plots import comparison_figure
+from aead.plots import comparison_figure, note_figure
 from aead.report import write_heatmaps
+
+CSV_COLUMNS = {
+    "roc.csv": ["model", "category", "fpr", "tpr"],
+    "pr.csv": ["model", "category", "recall", "precision"],
+    "category_auroc.csv": ["model", "category", "image_auroc", "pr_auc", "pixel_auroc", "aupro"],
+    "scores.csv": ["path", "category", "defect_type", "label", "model", *SCORE_NAMES, "normalized", "anomalous"],
+}
+CSV_ROWS = {"roc.csv": "roc_rows", "pr.csv": "pr_rows", "category_auroc.csv": "category_rows",
+            "scores.csv": "score_rows"}
+TITLES = {"l1": "L1 reconstruction error", "ssim": "SSIM reconstruction error",
+          "seg": "Segmentation head (image + reconstruction)"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", required=True, choices=("l1", "ssim"))
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", default="models")
     parser.add_argument("--metrics", help="default: metrics/evaluate-<method>.json")
@@ -23,22 +34,29 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     plots_dir = Path(args.plots_dir or f"plots/evaluate-{args.method}")
-    per_type = params.evaluate.heatmaps_per_type if args.method == "ssim" else 0
+    per_type = params.evaluate.heatmaps_per_type if args.method in ("ssim", "seg") else 0
+    calibration_path = args.calibration or f"models/calibration-{args.method}.json"
+    metrics_path = args.metrics or f"metrics/evaluate-{args.method}.json"
+    if args.method == "seg" and params.segmentation.steps == 0:
+        record = no_head_record(params)
+        log(f"[seg] {record['note']}: writing empty results")
+        for name, columns in CSV_COLUMNS.items():
+            io.write_csv(plots_dir / name, [], columns)
+        note_figure(plots_dir / "comparison.png", record["note"])
+        write_heatmaps(plots_dir / "heatmaps", {}, params.data.prepared_dir, log=log)
+        io.write_json(calibration_path, {**calibration_record(params, "seg", {}), "note": record["note"]})
+        io.write_json(metrics_path, record)
+        return
     ev = evaluate(params, args.method, Path(args.models_root), log=log,
                   heatmap_indices=heatmap_picker(per_type) if per_type else None)
-    io.write_csv(plots_dir / "roc.csv", ev.roc_rows, ["model", "category", "fpr", "tpr"])
-    io.write_csv(plots_dir / "pr.csv", ev.pr_rows, ["model", "category", "recall", "precision"])
-    io.write_csv(plots_dir / "category_auroc.csv", ev.category_rows,
-                 ["model", "category", "image_auroc", "pr_auc", "pixel_auroc", "aupro"])
-    io.write_csv(plots_dir / "scores.csv", ev.score_rows,
-                 ["path", "category", "defect_type", "label", "model", *SCORE_NAMES, "normalized", "anomalous"])
+    for name, columns in CSV_COLUMNS.items():
+        io.write_csv(plots_dir / name, getattr(ev, CSV_ROWS[name]), columns)
     comparison_figure(plots_dir / "comparison.png", ev.metrics, ev.results, params.evaluate.image_score,
-                      f"{args.method.upper()} reconstruction error, '{params.evaluate.image_score}' image score")
+                      f"{TITLES[args.method]}, '{params.evaluate.image_score}' image score")
     if per_type:
         write_heatmaps(plots_dir / "heatmaps", ev.results, params.data.prepared_dir, log=log)
-    io.write_json(args.calibration or f"models/calibration-{args.method}.json",
-                  calibration_record(params, args.method, ev.calibration))
-    io.write_json(args.metrics or f"metrics/evaluate-{args.method}.json", ev.metrics)
+    io.write_json(calibration_path, calibration_record(params, args.method, ev.calibration))
+    io.write_json(metrics_path, ev.metrics)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Stage export: one self-contained TorchScript detector per model and category (params: evaluate.*,
-data.*), runnable with plain `torch.jit.load` on a uint8 (H, W, 3) image."""
+"""Stage export: one self-contained TorchScript detector per model and category (params: export.method,
+evaluate.*, data.*), runnable with plain `torch.jit.load` on a uint8 (H, W, 3) image."""
 
 import argparse
 from pathlib import Path
@@ -12,14 +12,15 @@ from aead.params import load_params
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", default="ssim", choices=("l1", "ssim"))
+    parser.add_argument("--method", choices=("l1", "ssim", "seg"), help="default: export.method from the params")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", default="models")
     parser.add_argument("--out", default="models/export")
     parser.add_argument("--metrics", default="metrics/export.json")
     parser.add_argument("--plot", default="plots/export.csv")
     args = parser.parse_args()
-    index = export_all(load_params(args.params), Path(args.models_root), Path(args.out), args.method)
+    params = load_params(args.params)
+    index = export_all(params, Path(args.models_root), Path(args.out), args.method or params.export.method)
     log(f"exported {len(index['files'])} TorchScript detectors to {args.out}")
     sizes = [{"model_category": k, "bytes": (Path(args.out) / v).stat().st_size} for k, v in index["files"].items()]
     io.write_csv(args.plot, sizes, ["model_category", "bytes"])

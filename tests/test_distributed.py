@@ -37,6 +37,7 @@ def project(tmp_path_factory, raw_params_module, repo_root):
                        prepared_dir=str(work / "prepared"))
     raw["model"].update(epochs=3, patience=3, batch_size=8, num_threads=1)
     raw["baseline"]["base_channels"] = 8
+    raw["segmentation"].update(steps=10, batch_size=4, base_channels=4)  # trained by the main process only
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare_split(parse_params(raw).data, log=lambda m: None)
     return work, repo_root
@@ -73,6 +74,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(project
     assert (work / "models-two" / "bottle.pt").is_file()
     assert not (work / "resume-two").exists(), "resume state removed once the outputs are written"
     assert two["log"].count("epoch 1/3") == 1, "only the main process logs"
+    head = two["metrics"]["categories"]["bottle"]["segmentation"]
+    assert head["steps"] == 10 and two["log"].count("segmentation head step 10/10") == 1, "one process trains it"
+    assert "head_state_dict" in torch.load(work / "models-two" / "bottle.pt", weights_only=True)
 
 
 def test_without_corruption_each_process_reads_only_its_part(project):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from aead.checkpoint import load_checkpoint
+from aead.checkpoint import load_checkpoint, save_checkpoint
 from aead.data import read_split
 from aead.errors import CheckpointError
 from aead.evaluation import evaluate, score_split, score_split_methods
@@ -32,6 +32,7 @@ def trained(tmp_path_factory, raw_params_module, odd_dataset_module):
     raw["model"].update(epochs=1, batch_size=4)
     raw["baseline"]["base_channels"] = 4
     raw["multiscale"]["base_channels"] = 4
+    raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
     params = parse_params(raw)
     prepare_split(params.data, log=lambda m: None)
     for model in ("baseline", "multiscale"):
@@ -84,10 +85,27 @@ def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
     params, work = trained
     ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
     test = read_split(params.data.prepared_dir, "test").select(["widget"])
-    both = score_split_methods(ck, test, ("l1", "ssim"), params, torch.device("cpu"))
-    for method in ("l1", "ssim"):
+    both = score_split_methods(ck, test, ("l1", "ssim", "seg"), params, torch.device("cpu"))
+    for method in ("l1", "ssim", "seg"):
         one = score_split(ck, test, method, params, torch.device("cpu"))
         np.testing.assert_array_equal(both[method].maps, one.maps)
         for k in one.scores:
             np.testing.assert_array_equal(both[method].scores[k], one.scores[k])
     assert not np.array_equal(both["l1"].maps, both["ssim"].maps)
+    assert not np.array_equal(both["seg"].maps, both["ssim"].maps)
+    assert ((both["seg"].maps >= 0) & (both["seg"].maps <= 1)).all()  # smoothed probabilities
+
+
+def test_seg_scores_need_a_segmentation_head(trained, tmp_path):
+    """A checkpoint trained with segmentation.steps: 0 has no head: evaluating 'seg' names the file."""
+    params, work = trained
+    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
+    assert ck.head is not None and ck.meta["segmentation"]["steps"] == 3
+    (tmp_path / "models" / "baseline").mkdir(parents=True)
+    shutil.copytree(work / "models" / "multiscale", tmp_path / "models" / "multiscale")
+    for cat in ("widget", "plain"):
+        save_checkpoint(tmp_path / "models" / "baseline" / f"{cat}.pt", ck.model.state_dict(),
+                        {k: v for k, v in ck.meta.items() if k != "segmentation"})
+    with pytest.raises(CheckpointError, match=r"baseline/widget\.pt: has no segmentation head"):
+        evaluate(params, "seg", tmp_path / "models", log=lambda m: None)
+    assert evaluate(params, "ssim", tmp_path / "models", log=lambda m: None).metrics["baseline"]["image_auroc"]

@@ -24,16 +24,17 @@ def real_images(root: Path) -> list[Path]:
     return found + sorted((root / "widget" / "test").rglob("*.png"))
 
 
-def test_exported_detector_matches_pytorch(pipeline, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("method", ["ssim", "seg"])
+def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa: F811
     from aead.params import load_params
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
-    index = export_all(params, work / "models", tmp_path / "export", "ssim")
+    index = export_all(params, work / "models", tmp_path / "export", method)
     assert set(index["files"]) == {"baseline/widget", "multiscale/widget"}
     for key, name in index["files"].items():
         model, category = key.split("/")
-        eager = build_detector(params, work / "models", model, category, "ssim")
+        eager = build_detector(params, work / "models", model, category, method)
         scripted = torch.jit.load(str(tmp_path / "export" / name))
         for path in real_images(root):
             image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
@@ -66,7 +67,8 @@ def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noq
     assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"
 
 
-def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("method", ["ssim", "seg"])
+def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path, method):  # noqa: F811
     """Same resize, model, map, score and normalisation: the exported file gives `aead predict`'s scores on
     real images of other sizes (exactly up to float rounding when both compute in fp32; in bf16 autocast,
     `model.precision: auto` on CPUs with native bf16, predict differs by the bf16 rounding)."""
@@ -78,10 +80,10 @@ def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path)
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="fp32"))
-    export_all(params, work / "models", tmp_path / "export", "ssim")
+    export_all(params, work / "models", tmp_path / "export", method)
     scripted = torch.jit.load(str(tmp_path / "export" / "baseline-widget.pt"))
     images = real_images(root)
-    rows = predict(images, "baseline", "widget", "ssim", params, work / "models", tmp_path / "out", log=lambda m: None)
+    rows = predict(images, "baseline", "widget", method, params, work / "models", tmp_path / "out", log=lambda m: None)
     assert len(rows) == len(images) and all(not r.error for r in rows)
     for path, row in zip(images, rows):
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())

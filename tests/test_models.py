@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aead.errors import ParamsError
-from aead.torch_model import BaselineAutoencoder, MultiScaleAutoencoder, build_model, count_parameters
+from aead.torch_model import BaselineAutoencoder, MultiScaleAutoencoder, build_head, build_model, count_parameters
 
 
 def test_parameter_counts_match_the_seed():
@@ -31,3 +31,17 @@ def test_skip_connections_only_in_multiscale():
 def test_unknown_model():
     with pytest.raises(ParamsError, match="unknown model"):
         build_model("vae", 8)
+
+
+HEAD_PARAMETERS_16 = 233121  # the default segmentation head (segmentation.base_channels: 16)
+
+
+@pytest.mark.parametrize("size", [8, 24, 64])
+def test_segmentation_head_gives_one_logit_per_pixel(size):
+    head = build_head(4, seed=0).eval()
+    image, recon = torch.rand(2, 3, size, size), torch.rand(2, 3, size, size)
+    assert head(image, recon).shape == (2, 1, size, size)
+    assert not torch.equal(head(image, recon), head(image, image))  # it looks at the reconstruction
+    same = build_head(4, seed=0).eval()
+    assert torch.equal(same(image, recon), head(image, recon))
+    assert count_parameters(build_head(16)) == HEAD_PARAMETERS_16

@@ -35,6 +35,11 @@ def test_committed_params_are_valid(repo_root):
         ("baseline", "base_channels", 0, "baseline.base_channels"),
         ("model", "launcher", "bash -c rm", "model.launcher: expected a Python interpreter"),
         ("model", "launcher", "", "model.launcher"),
+        ("segmentation", "steps", -1, "segmentation.steps: expected a whole number >= 0"),
+        ("segmentation", "batch_size", 1, "segmentation.batch_size: expected a whole number >= 2"),
+        ("segmentation", "corruption", "none", "segmentation.corruption: expected one of"),
+        ("segmentation", "corruption_probability", 1.0, "segmentation.corruption_probability"),
+        ("export", "method", "mean", "export.method: expected one of"),
     ],
 )
 def test_bad_values_name_the_key(raw_params, section, key, value, message):
@@ -76,3 +81,13 @@ def test_launchers_accepted(raw_params, launcher):
     raw = copy.deepcopy(raw_params)
     raw["model"]["launcher"] = launcher
     assert parse_params(raw).model.launcher == launcher
+
+
+def test_exporting_seg_without_a_head_is_refused(raw_params):
+    raw = copy.deepcopy(raw_params)
+    raw["segmentation"]["steps"] = 0
+    raw["export"]["method"] = "seg"
+    with pytest.raises(ParamsError, match="export.method is 'seg' but segmentation.steps is 0"):
+        parse_params(raw)
+    raw["export"]["method"] = "ssim"
+    assert parse_params(raw).segmentation.steps == 0

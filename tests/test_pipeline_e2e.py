@@ -28,6 +28,7 @@ def tiny_params(raw: dict) -> dict:
     raw["model"].update(epochs=2, batch_size=4)
     raw["baseline"]["base_channels"] = 4
     raw["multiscale"]["base_channels"] = 4
+    raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
     return raw
 
 
@@ -56,10 +57,16 @@ def project(tmp_path_factory, request) -> Path:
 def test_repro_runs_every_stage_then_nothing(project):
     out = run(["dvc", "repro"], project)
     for stage in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim",
-                  "export"):
+                  "evaluate-seg", "export"):
         assert f"Running stage '{stage}'" in out
-    for name in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim"):
+    for name in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim",
+                 "evaluate-seg"):
         assert (project / "metrics" / f"{name}.json").is_file()
+    seg = json.loads((project / "metrics" / "evaluate-seg.json").read_text())
+    assert seg["method"] == "seg" and 0.0 <= seg["baseline"]["pixel_auroc"] <= 1.0
+    assert json.loads((project / "metrics" / "export.json").read_text())["method"] == "seg"
+    trained = json.loads((project / "metrics" / "train-baseline.json").read_text())
+    assert trained["categories"]["tile"]["segmentation"]["steps"] == 3
     l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
     for model in ("baseline", "multiscale"):
         for key in ("image_auroc", "image_auroc_pooled", "pr_auc", "pixel_auroc", "aupro"):
@@ -67,6 +74,7 @@ def test_repro_runs_every_stage_then_nothing(project):
         for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold"):
             assert key in l1[model]["categories"]["tile"]
     assert list((project / "plots" / "evaluate-ssim" / "heatmaps").rglob("*.png"))
+    assert list((project / "plots" / "evaluate-seg" / "heatmaps").rglob("*.png"))
     assert (project / "models" / "baseline" / "bottle.pt").is_file()
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again
@@ -118,6 +126,18 @@ def test_exp_run_on_another_mvtec_folder(project, odd_dataset):
     l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
     assert l1["baseline"]["categories"]["widget"]["n_anomalous_with_mask"] == 2
     assert l1["baseline"]["categories"]["widget"]["n_anomalous"] == 3
+
+
+def test_seed_recipe_runs_without_a_segmentation_head(project):
+    """segmentation.steps: 0 (part of the seed recipe) trains no head; evaluate-seg says so instead of failing."""
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
+    out = run(["dvc", "exp", "run", "-S", "segmentation.steps=0", "-S", "export.method=ssim"], project)
+    assert "Running stage 'evaluate-seg'" in out and "Running stage 'export'" in out
+    seg = json.loads((project / "metrics" / "evaluate-seg.json").read_text())
+    assert "no segmentation head" in seg["note"] and "baseline" not in seg
+    assert "segmentation" not in json.loads((project / "metrics" / "train-baseline.json").read_text())["categories"]["tile"]
+    assert json.loads((project / "metrics" / "export.json").read_text())["method"] == "ssim"
+    assert (project / "plots" / "evaluate-seg" / "roc.csv").read_text().strip() == "model,category,fpr,tpr"
 
 
 def test_bad_param_fails_with_the_key(project):

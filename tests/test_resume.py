@@ -26,6 +26,7 @@ def setup(tmp_path, raw_params, odd_dataset, repo_root):
                        prepared_dir=str(tmp_path / "prepared"))
     raw["model"].update(epochs=40, patience=40, batch_size=4)
     raw["baseline"]["base_channels"] = 8
+    raw["segmentation"].update(steps=150, batch_size=4, base_channels=4)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare_split(parse_params(raw).data, log=lambda m: None)
     return tmp_path, repo_root
@@ -70,6 +71,31 @@ def test_killed_training_resumes_to_the_same_result(setup, sig):
     b = torch.load(work / "models-cut" / "widget.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (work / "resume-cut").exists(), "resume state removed once the stage completed"
+
+
+def test_killed_during_the_segmentation_head_resumes_to_the_same_result(setup):
+    """Killed after the autoencoder finished, while the head trains: the rerun takes the autoencoder from
+    its resume state and trains the head again from its seed, ending with the uninterrupted run's files."""
+    work, repo = setup
+    raw = yaml.safe_load((work / "params.yaml").read_text())
+    raw["model"].update(epochs=3, patience=3)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run(train_cmd(work, repo, "whole"), check=True, capture_output=True)
+    proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if "segmentation head step 50/150" in line:
+            os.kill(proc.pid, signal.SIGTERM)
+            break
+    proc.wait(timeout=30)
+    assert proc.returncode != 0, "training finished before the test could interrupt it: make the head longer"
+    assert not (work / "models-cut").exists()
+    again = subprocess.run(train_cmd(work, repo, "cut"), check=True, capture_output=True, text=True)
+    assert "resuming after epoch 3" in again.stdout
+    a = torch.load(work / "models-whole" / "widget.pt", weights_only=True)
+    b = torch.load(work / "models-cut" / "widget.pt", weights_only=True)
+    for part in ("state_dict", "head_state_dict"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
 def test_resume_state_of_other_params_is_ignored(setup):

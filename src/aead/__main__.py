@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--model", choices=MODEL_NAMES, default="baseline")
     p.add_argument("--category", required=True, help="which category's model to use")
-    p.add_argument("--method", choices=("l1", "ssim"), default="ssim", help="anomaly map (default: ssim)")
+    p.add_argument("--method", choices=("l1", "ssim", "seg"),
+                   help="anomaly map (default: export.method from the params, as in the exported detectors)")
     p.add_argument("--params", default="params.yaml", help="the params the model was trained and evaluated with")
     p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files")
     p.add_argument("--out", required=True, help="output folder")
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     def run() -> None:
         from aead.predict import predict
 
-        results = predict(args.inputs, args.model, args.category, args.method, load_params(args.params),
+        params = load_params(args.params)
+        results = predict(args.inputs, args.model, args.category, args.method or params.export.method, params,
                           Path(args.models_root), Path(args.out), log=log)
         bad = [r for r in results if r.error]
         for r in bad:

@@ -1,7 +1,8 @@
 """Checkpoints: a trained model's weights plus everything needed to use and audit it.
 
 One file per trained model under ``models/<model>/``: ``<category>.pt`` when training per category,
-``joint.pt`` for one model of all categories (the seed's setting).
+``joint.pt`` for one model of all categories (the seed's setting). A checkpoint also holds the segmentation
+head trained on top of the autoencoder when ``segmentation.steps`` > 0 (its settings in ``meta["segmentation"]``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import nn
 
 from aead import io
 from aead.errors import CheckpointError
-from aead.torch_model import build_model
+from aead.torch_model import SegmentationHead, build_head, build_model
 
 FORMAT_VERSION = 1
 JOINT = "joint"
@@ -27,6 +28,7 @@ class Checkpoint:
 
     model: nn.Module
     meta: dict[str, Any]
+    head: SegmentationHead | None = None
 
     @property
     def image_size(self) -> int:
@@ -42,13 +44,20 @@ def checkpoint_name(category: str | None) -> str:
     return f"{category or JOINT}.pt"
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any],
+                    head_state_dict: dict[str, Any] | None = None) -> None:
     """Write weights and metadata atomically. ``meta`` must hold model, base_channels, image_size,
-    categories; the rest (params, manifest digests, training summary) is kept as given."""
+    categories (and ``segmentation.base_channels`` with a head); the rest (params, manifest digests, training
+    summary) is kept as given."""
     for key in ("model", "base_channels", "image_size", "categories"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs '{key}'")
-    io.save_torch(path, {"format": FORMAT_VERSION, "meta": meta, "state_dict": state_dict})
+    raw = {"format": FORMAT_VERSION, "meta": meta, "state_dict": state_dict}
+    if head_state_dict is not None:
+        if "base_channels" not in meta.get("segmentation", {}):
+            raise ValueError("checkpoint metadata needs 'segmentation.base_channels' with a segmentation head")
+        raw["head_state_dict"] = head_state_dict
+    io.save_torch(path, raw)
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect_model: str | None = None,
@@ -79,7 +88,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect
             f"{path}: weights do not fit a '{meta['model']}' model with base_channels {meta['base_channels']}: {err}"
         ) from err
     model.to(device).eval()
-    return Checkpoint(model=model, meta=meta)
+    head = None
+    if "head_state_dict" in raw:
+        head = build_head(int(meta["segmentation"]["base_channels"]))
+        try:
+            head.load_state_dict(raw["head_state_dict"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: segmentation head weights do not fit base_channels "
+                                  f"{meta['segmentation']['base_channels']}: {err}") from err
+        head.to(device).eval()
+    return Checkpoint(model=model, meta=meta, head=head)
 
 
 def find_checkpoint(model_dir: str | Path, category: str) -> Path:

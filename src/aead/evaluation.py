@@ -2,30 +2,33 @@
 
 ``l1``: per-pixel L1 error (mean over channels), Gaussian-smoothed for localisation.
 ``ssim``: 1 - SSIM on grayscale with a Gaussian window, then Gaussian smoothing (the seed's heatmaps).
+``seg``: the defect probability of the checkpoint's segmentation head (DRAEM-style), Gaussian-smoothed.
 Only the test manifest from prepare-split and the checkpoints are used; nothing is trained here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from aead import maps, metrics
 from aead.calibration import Calibration, calibrate
 from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.corruption import corrupt_batch
 from aead.data import Sample, Split, categories_of, read_split
-from aead.errors import DataError
+from aead.errors import CheckpointError, DataError
 from aead.params import MODEL_NAMES, Params
 from aead.training import autocast_for, configure_threads, select_device, to_float, to_tensor
 
-Method = Literal["l1", "ssim"]
+Method = Literal["l1", "ssim", "seg"]
+METHODS: tuple[str, ...] = ("l1", "ssim", "seg")
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
 Log = Callable[[str], None]
 
@@ -56,11 +59,24 @@ class Evaluation:
     calibration: dict[str, dict[str, Calibration]] = field(default_factory=dict)
 
 
-def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float) -> Tensor:
-    """(N, H, W) anomaly map of a batch: smoothed L1 error or smoothed 1 - SSIM."""
+def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float,
+                 head: nn.Module | None = None) -> Tensor:
+    """(N, H, W) anomaly map of a batch: smoothed L1 error, smoothed 1 - SSIM, or the smoothed defect
+    probability of the segmentation ``head`` (needed for ``seg``)."""
     if method == "l1":
         return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
+    if method == "seg":
+        if head is None:
+            raise ValueError("method 'seg' needs the checkpoint's segmentation head")
+        return maps.gaussian_blur(torch.sigmoid(head(x, recon).float()), smooth_sigma)[:, 0]
     return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
+
+
+def require_head(checkpoint: Checkpoint, path: Path | str) -> None:
+    """A clear error when ``seg`` scoring is asked of a checkpoint trained without a segmentation head."""
+    if checkpoint.head is None:
+        raise CheckpointError(f"{path}: has no segmentation head (trained with segmentation.steps: 0); "
+                              "use method l1 or ssim, or retrain with segmentation.steps > 0 (dvc repro)")
 
 
 @torch.inference_mode()
@@ -78,13 +94,15 @@ def score_split_methods(checkpoint: Checkpoint, split: Split, methods: tuple[Met
     keep = set() if keep_recon is None else set(int(i) for i in keep_recon)
     recon_kept: dict[int, np.ndarray] = {}
     model = checkpoint.model.to(memory_format=torch.channels_last)
+    head = None if checkpoint.head is None else checkpoint.head.to(memory_format=torch.channels_last)
     autocast, _ = autocast_for(device, params.model.precision)
     for s in range(0, n, ev.batch_size):
         x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
         with autocast:
             recon = model(x).float()
         for m in methods:
-            amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma)
+            with autocast if m == "seg" else nullcontext():
+                amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma, head).float()
             # the map is already smoothed: score it as is (sigma 0 for 'max')
             batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
             for k in SCORE_NAMES:
@@ -204,6 +222,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             path = find_checkpoint(model_dir, cat)
             if path not in loaded:  # a joint model serves every category: load it once
                 loaded[path] = load_checkpoint(path, device, expect_model=model_name, expect_image_size=size)
+                if method == "seg":
+                    require_head(loaded[path], path)
             ckpt = loaded[path]
             split = test.select([cat])
             keep = heatmap_indices(split.samples) if heatmap_indices else None
@@ -284,6 +304,12 @@ def calibration_record(params: Params, method: Method, calibration: dict[str, di
         "image_size": params.data.image_size,
         "models": {m: {c: cal.to_dict() for c, cal in per.items()} for m, per in calibration.items()},
     }
+
+
+def no_head_record(params: Params) -> dict[str, Any]:
+    """The metrics of evaluate-seg when no segmentation head was trained (segmentation.steps: 0)."""
+    return {"method": "seg", "image_score": params.evaluate.image_score,
+            "note": "segmentation.steps is 0: no segmentation head was trained, so there is nothing to score"}
 
 
 def heatmap_picker(per_type: int) -> Callable[[list[Sample]], np.ndarray]:

@@ -27,12 +27,14 @@ from aead.predict import load_trained
 
 
 class Detector(nn.Module):
-    """Preprocessing, autoencoder, anomaly map, image score and score normalisation in one module."""
+    """Preprocessing, autoencoder, anomaly map (with the segmentation head for ``seg``), image score and score
+    normalisation in one module."""
 
-    def __init__(self, model: nn.Module, method: str, image_size: int, image_score: str, smooth_sigma: float,
-                 window_sigma: float, calibration: Calibration) -> None:
+    def __init__(self, model: nn.Module, head: nn.Module | None, method: str, image_size: int, image_score: str,
+                 smooth_sigma: float, window_sigma: float, calibration: Calibration) -> None:
         super().__init__()
         self.model = model.eval()
+        self.head = None if head is None else head.eval()
         self.method = method
         self.image_size = image_size
         self.image_score = image_score
@@ -44,7 +46,8 @@ class Detector(nn.Module):
         x = resize_batch(image.permute(2, 0, 1).unsqueeze(0).float(), self.image_size) / 255.0
         x = x.contiguous(memory_format=torch.channels_last)
         recon = self.model(x).float()
-        amap = anomaly_maps(self.method, x, recon, self.smooth_sigma, self.window_sigma)  # type: ignore[arg-type]
+        amap = anomaly_maps(self.method, x, recon, self.smooth_sigma, self.window_sigma,  # type: ignore[arg-type]
+                            self.head if self.method == "seg" else None)
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
         score = normalize_scores(raw, self.cal)
         return score, raw, amap[0]
@@ -54,7 +57,8 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
     """The detector for one trained model and category, with the evaluation stage's calibration."""
     checkpoint, cal = load_trained(params, models_root, model, category, method, torch.device("cpu"))
     ev = params.evaluate
-    return Detector(checkpoint.model.to(memory_format=torch.channels_last), method, params.data.image_size,
+    head = checkpoint.head.to(memory_format=torch.channels_last) if checkpoint.head is not None else None
+    return Detector(checkpoint.model.to(memory_format=torch.channels_last), head, method, params.data.image_size,
                     ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal).eval()
 
 

@@ -117,6 +117,28 @@ class ArchParams:
 
 
 @dataclass(frozen=True)
+class SegmentationParams:
+    """The DRAEM-style segmentation head trained on top of each autoencoder (both training stages)."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    base_channels: int
+    corruption: Literal["perlin", "cutpaste", "erase", "mixed"]
+    corruption_probability: float
+
+    def check(self) -> None:
+        _at_least("segmentation.steps", self.steps, 0)
+        _at_least("segmentation.batch_size", self.batch_size, 2)
+        _at_least("segmentation.base_channels", self.base_channels, 1)
+        if not self.lr > 0:
+            raise ParamsError(f"segmentation.lr: expected a positive number, got {self.lr!r}")
+        if not 0.0 < self.corruption_probability < 1.0:
+            raise ParamsError("segmentation.corruption_probability: expected a number strictly between 0 and 1 "
+                              f"(the head needs images with and without defects), got {self.corruption_probability!r}")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Scoring and reporting options of the evaluation stages."""
 
@@ -138,6 +160,13 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    """Which anomaly map the exported detectors use (stage ``export``)."""
+
+    method: Literal["l1", "ssim", "seg"]
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -146,7 +175,9 @@ class Params:
     model: ModelParams
     baseline: ArchParams
     multiscale: ArchParams
+    segmentation: SegmentationParams
     evaluate: EvaluateParams
+    export: ExportParams
     source: Path = field(default=Path("params.yaml"), compare=False)
 
     def arch(self, model: str) -> ArchParams:
@@ -188,7 +219,11 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
     params.model.check()
     params.baseline.check("baseline")
     params.multiscale.check("multiscale")
+    params.segmentation.check()
     params.evaluate.check()
+    if params.export.method == "seg" and params.segmentation.steps == 0:
+        raise ParamsError(f"{source}: export.method is 'seg' but segmentation.steps is 0, so no segmentation head "
+                          "is trained; set export.method to l1 or ssim, or segmentation.steps > 0")
     return params
 
 

@@ -56,6 +56,14 @@ def comparison_figure(path: Path, evaluation_metrics: dict[str, Any], results: d
     plt.close(fig)
 
 
+def note_figure(path: Path, text: str) -> None:
+    """A figure that only states why there are no results (in place of a comparison figure)."""
+    fig = plt.figure(figsize=(8, 2))
+    fig.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    io.save_figure(path, fig, dpi=90)
+    plt.close(fig)
+
+
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

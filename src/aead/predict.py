@@ -22,7 +22,7 @@ from aead.calibration import Calibration
 from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.data import IMAGE_EXTENSIONS, Sample, Split, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError
-from aead.evaluation import score_split
+from aead.evaluation import require_head, score_split
 from aead.params import Params
 from aead.training import configure_threads, select_device
 
@@ -76,8 +76,10 @@ def load_calibration(path: Path, method: str, model: str, category: str, params:
 def load_trained(params: Params, models_root: Path, model: str, category: str, method: str,
                  device: torch.device) -> tuple[Checkpoint, Calibration]:
     """The checkpoint serving ``category`` and the threshold calibrated for it by the evaluation stage."""
-    checkpoint = load_checkpoint(find_checkpoint(models_root / model, category), device, expect_model=model,
-                                 expect_image_size=params.data.image_size)
+    path = find_checkpoint(models_root / model, category)
+    checkpoint = load_checkpoint(path, device, expect_model=model, expect_image_size=params.data.image_size)
+    if method == "seg":
+        require_head(checkpoint, path)
     cal = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)
     return checkpoint, cal
 

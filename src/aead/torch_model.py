@@ -5,6 +5,10 @@
 the baseline upsamples without skip connections, the multi-scale (U-Net style) model concatenates the
 matching encoder output before each decoder block. With ``base_channels`` c = 32 they have 1.73M and
 1.93M parameters, as in the seed.
+
+``SegmentationHead`` is the discriminative part of DRAEM (Zavrtanik et al., ICCV 2021): a small U-Net that sees an
+image next to its reconstruction (6 channels) and outputs one defect logit per pixel. It is trained after the
+autoencoder, on synthetic defects, to tell where input and reconstruction differ in a way a defect would.
 """
 
 from __future__ import annotations
@@ -89,6 +93,46 @@ class MultiScaleAutoencoder(nn.Module):
         y = self.dec2(torch.cat([self.up2(y), x2], dim=1))
         y = self.dec1(torch.cat([self.up1(y), x1], dim=1))
         return torch.sigmoid(self.head(y))
+
+
+class SegmentationHead(nn.Module):
+    """U-Net (widths c, 2c, 4c, bottleneck 4c, three skip connections) from image + reconstruction to a
+    (N, 1, H, W) defect logit map."""
+
+    def __init__(self, base_channels: int = 16) -> None:
+        super().__init__()
+        c = base_channels
+        self.enc1 = ConvBlock(6, c)
+        self.enc2 = ConvBlock(c, 2 * c)
+        self.enc3 = ConvBlock(2 * c, 4 * c)
+        self.pool = nn.MaxPool2d(2)
+        self.bottleneck = ConvBlock(4 * c, 4 * c)
+        self.up3 = nn.ConvTranspose2d(4 * c, 4 * c, 2, stride=2)
+        self.dec3 = ConvBlock(8 * c, 2 * c)
+        self.up2 = nn.ConvTranspose2d(2 * c, 2 * c, 2, stride=2)
+        self.dec2 = ConvBlock(4 * c, c)
+        self.up1 = nn.ConvTranspose2d(c, c, 2, stride=2)
+        self.dec1 = ConvBlock(2 * c, c)
+        self.head = nn.Conv2d(c, 1, 1)
+
+    def forward(self, image: Tensor, recon: Tensor) -> Tensor:
+        x1 = self.enc1(torch.cat([image, recon], dim=1))
+        x2 = self.enc2(self.pool(x1))
+        x3 = self.enc3(self.pool(x2))
+        z = self.bottleneck(self.pool(x3))
+        y = self.dec3(torch.cat([self.up3(z), x3], dim=1))
+        y = self.dec2(torch.cat([self.up2(y), x2], dim=1))
+        y = self.dec1(torch.cat([self.up1(y), x1], dim=1))
+        return self.head(y)
+
+
+def build_head(base_channels: int, seed: int | None = None) -> SegmentationHead:
+    """A freshly initialised segmentation head; with ``seed`` its weights depend on the seed only."""
+    if seed is None:
+        return SegmentationHead(base_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SegmentationHead(base_channels)
 
 
 MODELS: dict[str, type[nn.Module]] = {"baseline": BaselineAutoencoder, "multiscale": MultiScaleAutoencoder}

@@ -1,5 +1,6 @@
 """The training loop: L1 reconstruction, Adam, ReduceLROnPlateau, early stopping, gradient clipping,
-mixed precision (bf16), and data-parallel training under ``torchrun`` (DistributedDataParallel).
+mixed precision (bf16), and data-parallel training under ``torchrun`` (DistributedDataParallel); then the
+DRAEM-style segmentation head on top of the frozen autoencoder (focal loss on synthetic defects).
 
 Images arrive as the cached uint8 arrays of prepare-split, memory-mapped: each batch is gathered from the
 file, so memory does not grow with the data set (on a GPU the whole array is uploaded once when it fits).
@@ -31,10 +32,10 @@ from aead.corruption import corrupt_batch
 from aead.maps import rgb_to_gray, ssim_map
 from aead.checkpoint import JOINT, checkpoint_name, save_checkpoint
 from aead.data import manifest_digest, read_split
-from aead.distributed import SINGLE, DistContext, all_reduce_sum, process_device, shard
+from aead.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
-from aead.params import ModelParams, Params
-from aead.torch_model import build_model, count_parameters
+from aead.params import ModelParams, Params, SegmentationParams
+from aead.torch_model import build_head, build_model, count_parameters
 
 Log = Callable[[str], None]
 
@@ -269,6 +270,100 @@ def train_autoencoder(
     )
 
 
+@dataclass
+class HeadResult:
+    """The trained segmentation head and how its training went."""
+
+    state_dict: dict[str, Tensor]
+    parameters: int
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+
+
+FOCAL_GAMMA = 2.0  # as in DRAEM: most pixels are easy background; the loss concentrates on the hard ones
+
+
+def focal_loss(logits: Tensor, target: Tensor, gamma: float = FOCAL_GAMMA) -> Tensor:
+    """Mean binary focal loss (Lin et al. 2017) of per-pixel logits against a {0, 1} mask."""
+    ce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_true = torch.exp(-ce)  # the probability given to the true class
+    return ((1.0 - p_true) ** gamma * ce).mean()
+
+
+def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, seg: SegmentationParams,
+                            params: ModelParams, device: torch.device, log: Log = print, tag: str = "") -> HeadResult:
+    """Train a :class:`~aead.torch_model.SegmentationHead` for ``seg.steps`` Adam steps (learning rate
+    ``seg.lr`` decayed to 0 along a cosine) on top of the frozen
+    ``autoencoder``: each batch of training images is corrupted (``seg.corruption``, a share
+    ``seg.corruption_probability`` of the images), reconstructed, and the head learns the corruption mask from
+    image + reconstruction with the focal loss. Deterministic given ``params.seed``."""
+    autoencoder = autoencoder.to(device).to(memory_format=torch.channels_last).eval()
+    for p in autoencoder.parameters():
+        p.requires_grad_(False)
+    head = build_head(seg.base_channels, seed=params.seed + 3).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(head.parameters(), lr=seg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=seg.steps)
+    autocast, scaler = autocast_for(device, params.precision)
+    gen = torch.Generator().manual_seed(params.seed + 4)
+    source = ImageSource(train_images, device)
+    n = len(source)
+    batch_size = min(seg.batch_size, n)
+    starts = [s for s in range(0, n, batch_size) if min(s + batch_size, n) - s >= 2]  # BatchNorm needs 2
+    if not starts:
+        raise DataError(f"{tag}: the segmentation head needs at least 2 training images, got {n}")
+    head.train()
+    step, seen, recent, mean = 0, 0, torch.zeros((), device=device), math.nan
+    start = time.perf_counter()
+    while step < seg.steps:
+        order = torch.randperm(n, generator=gen)
+        for s in starts:
+            if step == seg.steps:
+                break
+            clean = source.batch(order[s : s + batch_size])
+            x, mask = corrupt_batch(clean, seg.corruption, gen, seg.corruption_probability)
+            x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                with torch.no_grad():
+                    recon = autoencoder(x)
+                logits = head(x, recon).float()
+            loss = focal_loss(logits, mask)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if params.grad_clip > 0:
+                nn.utils.clip_grad_norm_(head.parameters(), params.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            schedule.step()
+            step += 1
+            seen += len(x)
+            recent += loss.detach()
+            if step % 50 == 0 or step == seg.steps:
+                mean = float(recent) / (step % 50 or 50)
+                if not math.isfinite(mean):
+                    raise TrainingError(f"{tag}: segmentation head loss became {mean} at step {step}; lower "
+                                        f"segmentation.lr (now {seg.lr:g}); no model or metrics were written")
+                recent.zero_()
+                log(f"[{tag}] segmentation head step {step}/{seg.steps}  focal loss {mean:.5f}")
+    seconds = time.perf_counter() - start
+    return HeadResult(
+        state_dict={k: v.detach().cpu() for k, v in head.state_dict().items()},
+        parameters=count_parameters(head),
+        steps=step,
+        final_loss=mean,
+        seconds=seconds,
+        images_per_second=seen / seconds if seconds > 0 else 0.0,
+    )
+
+
 def _quiet(message: str) -> None:
     """The log of processes other than the main one."""
 
@@ -435,8 +530,17 @@ def train_and_save(
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
             }
+            head: HeadResult | None = None
+            if params.segmentation.steps > 0 and dist_ctx.is_main:  # the head is small: one process trains it
+                trained_ae = build_model(model_name, arch.base_channels)
+                trained_ae.load_state_dict(result.state_dict)
+                head = train_segmentation_head(trained_ae, train.images, params.segmentation, params.model, device,
+                                               log, tag=f"{model_name}/{label}")
+                meta["segmentation"] = {**dataclasses.asdict(params.segmentation), "final_loss": head.final_loss}
+            barrier(dist_ctx)
             if tmp_dir is not None:
-                save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta)
+                save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta,
+                                head_state_dict=head.state_dict if head else None)
             summary = {
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
@@ -447,6 +551,10 @@ def train_and_save(
                 "train_seconds": round(result.seconds, 2),
                 "images_per_second": round(result.images_per_second, 2),
             }
+            if head is not None:
+                summary["segmentation"] = {"parameters": head.parameters, "steps": head.steps,
+                                           "final_loss": head.final_loss, "train_seconds": round(head.seconds, 2),
+                                           "images_per_second": round(head.images_per_second, 2)}
             metrics["categories"][label] = summary
             rows += [{"model": model_name, "category": label, **h} for h in result.history]
     per = metrics["categories"].values()

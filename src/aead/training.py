@@ -329,19 +329,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
                     recon = autoencoder(x)
                 logits = head(x, recon).float()
             loss = focal_loss(logits, mask)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if params.grad_clip > 0:
-                nn.utils.clip_grad_norm_(head.parameters(), params.grad_clip)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            optimizer_step(loss, head, optimizer, scaler, params.grad_clip)
             schedule.step()
             step += 1
             seen += len(x)
@@ -408,21 +396,27 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, pa
     with autocast:
         recon = model(inp).float()
     loss = reconstruction_loss(recon, x, params.ssim_weight)
+    optimizer_step(loss * loss_weight if loss_weight != 1.0 else loss, model, optimizer, scaler, params.grad_clip)
+    return loss.detach()
+
+
+def optimizer_step(loss: Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler | None, grad_clip: float) -> None:
+    """Back-propagate ``loss`` (scaled for fp16), clip ``model``'s gradient norm to ``grad_clip`` (0: off) and
+    step the optimiser."""
     optimizer.zero_grad(set_to_none=True)
-    scaled = loss * loss_weight if loss_weight != 1.0 else loss
     if scaler is not None:
-        scaler.scale(scaled).backward()
+        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     else:
-        scaled.backward()
-    if params.grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    return loss.detach()
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor, ssim_weight: float) -> Tensor:

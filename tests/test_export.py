@@ -36,6 +36,8 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         model, category = key.split("/")
         eager = build_detector(params, work / "models", model, category, method)
         scripted = torch.jit.load(str(tmp_path / "export" / name))
+        has_head = any(n.startswith("head.") for n, _ in scripted.named_parameters())
+        assert has_head == (method == "seg"), "the segmentation head is saved only where its map is used"
         for path in real_images(root):
             image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
             with torch.no_grad():

@@ -34,7 +34,7 @@ class Detector(nn.Module):
                  smooth_sigma: float, window_sigma: float, calibration: Calibration) -> None:
         super().__init__()
         self.model = model.eval()
-        self.head = None if head is None else head.eval()
+        self.head = None if head is None else head.eval()  # only given (and saved) for method seg
         self.method = method
         self.image_size = image_size
         self.image_score = image_score
@@ -47,7 +47,7 @@ class Detector(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         recon = self.model(x).float()
         amap = anomaly_maps(self.method, x, recon, self.smooth_sigma, self.window_sigma,  # type: ignore[arg-type]
-                            self.head if self.method == "seg" else None)
+                            self.head)
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
         score = normalize_scores(raw, self.cal)
         return score, raw, amap[0]
@@ -57,7 +57,9 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
     """The detector for one trained model and category, with the evaluation stage's calibration."""
     checkpoint, cal = load_trained(params, models_root, model, category, method, torch.device("cpu"))
     ev = params.evaluate
-    head = checkpoint.head.to(memory_format=torch.channels_last) if checkpoint.head is not None else None
+    head = checkpoint.head if method == "seg" else None
+    if head is not None:
+        head = head.to(memory_format=torch.channels_last)
     return Detector(checkpoint.model.to(memory_format=torch.channels_last), head, method, params.data.image_size,
                     ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal).eval()
 

@@ -13,10 +13,14 @@ autoencoder, on synthetic defects, to tell where input and reconstruction differ
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import Tensor, nn
 
 from aead.errors import ParamsError
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class ConvBlock(nn.Sequential):
@@ -126,13 +130,19 @@ class SegmentationHead(nn.Module):
         return self.head(y)
 
 
-def build_head(base_channels: int, seed: int | None = None) -> SegmentationHead:
-    """A freshly initialised segmentation head; with ``seed`` its weights depend on the seed only."""
+def _initialised(cls: type[M], base_channels: int, seed: int | None) -> M:
+    """``cls(base_channels)``; with ``seed`` its initial weights depend on the seed only (the global RNG state
+    is left as it was)."""
     if seed is None:
-        return SegmentationHead(base_channels)
+        return cls(base_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SegmentationHead(base_channels)
+        return cls(base_channels)
+
+
+def build_head(base_channels: int, seed: int | None = None) -> SegmentationHead:
+    """A freshly initialised segmentation head; with ``seed`` its weights depend on the seed only."""
+    return _initialised(SegmentationHead, base_channels, seed)
 
 
 MODELS: dict[str, type[nn.Module]] = {"baseline": BaselineAutoencoder, "multiscale": MultiScaleAutoencoder}
@@ -143,11 +153,7 @@ def build_model(name: str, base_channels: int, seed: int | None = None) -> nn.Mo
     weights depend on the seed only (the global RNG state is left as it was)."""
     if name not in MODELS:
         raise ParamsError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}")
-    if seed is None:
-        return MODELS[name](base_channels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](base_channels)
+    return _initialised(MODELS[name], base_channels, seed)
 
 
 def count_parameters(model: nn.Module) -> int:

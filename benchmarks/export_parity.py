@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aead.data import read_image, scan_category
-from aead.params import load_params
+from aead.params import METHODS, load_params
 from aead.predict import predict
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", type=Path, default=Path("models"))
-    parser.add_argument("--method", choices=["l1", "ssim", "seg"],
+    parser.add_argument("--method", choices=METHODS,
                         help="the method that was exported (default: export.method)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: model.precision")
     args = parser.parse_args()

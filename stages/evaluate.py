@@ -1,12 +1,13 @@
-"""Stages evaluate-l1, evaluate-ssim and evaluate-seg: score the test split with both trained models
-(params: evaluate.*, data.*, model.device, model.num_threads; evaluate-seg also segmentation.steps)."""
+"""Stages evaluate-l1, evaluate-ssim, evaluate-seg, evaluate-knn and evaluate-fused: score the test split with
+both trained models (params: evaluate.*, data.*, model.device, model.num_threads; evaluate-seg and evaluate-fused
+also segmentation.steps, evaluate-knn and evaluate-fused also memory_bank.coreset_ratio)."""
 
 import argparse
 from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.evaluation import METHODS, SCORE_NAMES, calibration_record, evaluate, heatmap_picker, no_head_record
+from aead.evaluation import METHODS, SCORE_NAMES, calibration_record, evaluate, heatmap_picker, not_trained_record
 from aead.params import load_params
 from aead.plots import comparison_figure, note_figure
 from aead.report import write_heatmaps
@@ -20,7 +21,8 @@ CSV_COLUMNS = {
 CSV_ROWS = {"roc.csv": "roc_rows", "pr.csv": "pr_rows", "category_auroc.csv": "category_rows",
             "scores.csv": "score_rows"}
 TITLES = {"l1": "L1 reconstruction error", "ssim": "SSIM reconstruction error",
-          "seg": "Segmentation head (image + reconstruction)"}
+          "seg": "Segmentation head (image + reconstruction)", "knn": "Nearest-patch distance (memory bank)",
+          "fused": "Segmentation head + memory bank, fused"}
 
 
 def main() -> None:
@@ -34,17 +36,18 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params(args.params)
     plots_dir = Path(args.plots_dir or f"plots/evaluate-{args.method}")
-    per_type = params.evaluate.heatmaps_per_type if args.method in ("ssim", "seg") else 0
+    per_type = params.evaluate.heatmaps_per_type if args.method != "l1" else 0
     calibration_path = args.calibration or f"models/calibration-{args.method}.json"
     metrics_path = args.metrics or f"metrics/evaluate-{args.method}.json"
-    if args.method == "seg" and params.segmentation.steps == 0:
-        record = no_head_record(params)
-        log(f"[seg] {record['note']}: writing empty results")
+    record = not_trained_record(params, args.method)
+    if record is not None:
+        log(f"[{args.method}] {record['note']}; writing empty results")
         for name, columns in CSV_COLUMNS.items():
             io.write_csv(plots_dir / name, [], columns)
         note_figure(plots_dir / "comparison.png", record["note"])
-        write_heatmaps(plots_dir / "heatmaps", {}, params.data.prepared_dir, log=log)
-        io.write_json(calibration_path, {**calibration_record(params, "seg", {}), "note": record["note"]})
+        if per_type:
+            write_heatmaps(plots_dir / "heatmaps", {}, params.data.prepared_dir, log=log)
+        io.write_json(calibration_path, {**calibration_record(params, args.method, {}), "note": record["note"]})
         io.write_json(metrics_path, record)
         return
     ev = evaluate(params, args.method, Path(args.models_root), log=log,

@@ -7,12 +7,12 @@ from pathlib import Path
 from aead import io
 from aead.cli import log, run_stage
 from aead.export import export_all
-from aead.params import load_params
+from aead.params import METHODS, load_params
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--method", choices=("l1", "ssim", "seg"), help="default: export.method from the params")
+    parser.add_argument("--method", choices=METHODS, help="default: export.method from the params")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", default="models")
     parser.add_argument("--out", default="models/export")

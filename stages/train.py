@@ -1,6 +1,6 @@
-"""Stages train-baseline and train-multiscale: train one autoencoder per category (params: model.*,
-<model>.*, data.*). Runs as one process, or data-parallel under ``torchrun`` (``model.launcher``), where
-only the main process writes the outputs."""
+"""Stages train-baseline and train-multiscale: train one autoencoder per category, its segmentation head and
+its memory bank (params: model.*, <model>.*, segmentation.*, memory_bank.*, data.*). Runs as one process, or
+data-parallel under ``torchrun`` (``model.launcher``), where only the main process writes the outputs."""
 
 import argparse
 from pathlib import Path

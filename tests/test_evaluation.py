@@ -13,7 +13,7 @@ from aead.checkpoint import load_checkpoint, save_checkpoint
 from aead.data import read_split
 from aead.errors import CheckpointError
 from aead.evaluation import evaluate, score_split, score_split_methods
-from aead.params import parse_params
+from aead.params import METHODS, parse_params
 from aead.prepare import prepare_split
 from aead.training import train_and_save
 
@@ -33,6 +33,7 @@ def trained(tmp_path_factory, raw_params_module, odd_dataset_module):
     raw["baseline"]["base_channels"] = 4
     raw["multiscale"]["base_channels"] = 4
     raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
+    raw["memory_bank"].update(feature_size=8)
     params = parse_params(raw)
     prepare_split(params.data, log=lambda m: None)
     for model in ("baseline", "multiscale"):
@@ -85,8 +86,8 @@ def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
     params, work = trained
     ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
     test = read_split(params.data.prepared_dir, "test").select(["widget"])
-    both = score_split_methods(ck, test, ("l1", "ssim", "seg"), params, torch.device("cpu"))
-    for method in ("l1", "ssim", "seg"):
+    both = score_split_methods(ck, test, METHODS, params, torch.device("cpu"))
+    for method in METHODS:
         one = score_split(ck, test, method, params, torch.device("cpu"))
         np.testing.assert_array_equal(both[method].maps, one.maps)
         for k in one.scores:
@@ -94,6 +95,11 @@ def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
     assert not np.array_equal(both["l1"].maps, both["ssim"].maps)
     assert not np.array_equal(both["seg"].maps, both["ssim"].maps)
     assert ((both["seg"].maps >= 0) & (both["seg"].maps <= 1)).all()  # smoothed probabilities
+    assert (both["knn"].maps >= 0).all() and both["knn"].maps.max() > 0  # smoothed distances
+    # smoothing is linear and keeps constants, so the fused map is the smoothed maps standardised and summed
+    k_mean, k_std, s_mean, s_std = ck.memory.fusion.tolist()
+    expected = (both["knn"].maps - k_mean) / k_std + (both["seg"].maps - s_mean) / s_std
+    np.testing.assert_allclose(both["fused"].maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_seg_scores_need_a_segmentation_head(trained, tmp_path):
@@ -109,3 +115,19 @@ def test_seg_scores_need_a_segmentation_head(trained, tmp_path):
     with pytest.raises(CheckpointError, match=r"baseline/widget\.pt: has no segmentation head"):
         evaluate(params, "seg", tmp_path / "models", log=lambda m: None)
     assert evaluate(params, "ssim", tmp_path / "models", log=lambda m: None).metrics["baseline"]["image_auroc"]
+
+
+@pytest.mark.parametrize("method", ["knn", "fused"])
+def test_knn_and_fused_scores_need_a_memory_bank(trained, tmp_path, method):
+    """A checkpoint trained with memory_bank.coreset_ratio: 0 has no bank: evaluating 'knn' or 'fused' names the
+    file and the param."""
+    params, work = trained
+    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
+    assert ck.memory is not None and ck.meta["memory_bank"]["coreset_ratio"] == params.memory_bank.coreset_ratio
+    (tmp_path / "models" / "baseline").mkdir(parents=True)
+    shutil.copytree(work / "models" / "multiscale", tmp_path / "models" / "multiscale")
+    for cat in ("widget", "plain"):
+        save_checkpoint(tmp_path / "models" / "baseline" / f"{cat}.pt", ck.model.state_dict(), ck.meta,
+                        head_state_dict=ck.head.state_dict())
+    with pytest.raises(CheckpointError, match=r"baseline/widget\.pt: has no memory bank .*coreset_ratio"):
+        evaluate(params, method, tmp_path / "models", log=lambda m: None)

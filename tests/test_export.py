@@ -24,7 +24,7 @@ def real_images(root: Path) -> list[Path]:
     return found + sorted((root / "widget" / "test").rglob("*.png"))
 
 
-@pytest.mark.parametrize("method", ["ssim", "seg"])
+@pytest.mark.parametrize("method", ["ssim", "seg", "knn", "fused"])
 def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa: F811
     from aead.params import load_params
 
@@ -37,7 +37,9 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         eager = build_detector(params, work / "models", model, category, method)
         scripted = torch.jit.load(str(tmp_path / "export" / name))
         has_head = any(n.startswith("head.") for n, _ in scripted.named_parameters())
-        assert has_head == (method == "seg"), "the segmentation head is saved only where its map is used"
+        assert has_head == (method in ("seg", "fused")), "the segmentation head is saved only where its map is used"
+        has_bank = any(n == "memory.bank" for n, _ in scripted.named_buffers())
+        assert has_bank == (method in ("knn", "fused")), "so is the memory bank"
         for path in real_images(root):
             image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
             with torch.no_grad():
@@ -69,7 +71,7 @@ def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noq
     assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"
 
 
-@pytest.mark.parametrize("method", ["ssim", "seg"])
+@pytest.mark.parametrize("method", ["ssim", "seg", "fused"])
 def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path, method):  # noqa: F811
     """Same resize, model, map, score and normalisation: the exported file gives `aead predict`'s scores on
     real images of other sizes (exactly up to float rounding when both compute in fp32; in bf16 autocast,

@@ -39,6 +39,10 @@ def test_committed_params_are_valid(repo_root):
         ("segmentation", "batch_size", 1, "segmentation.batch_size: expected a whole number >= 2"),
         ("segmentation", "corruption", "none", "segmentation.corruption: expected one of"),
         ("segmentation", "corruption_probability", 1.0, "segmentation.corruption_probability"),
+        ("memory_bank", "coreset_ratio", -0.1, "memory_bank.coreset_ratio: expected a number from 0"),
+        ("memory_bank", "coreset_ratio", 1.5, "memory_bank.coreset_ratio: expected a number from 0"),
+        ("memory_bank", "feature_size", 0, "memory_bank.feature_size: expected a whole number >= 1"),
+        ("memory_bank", "feature_size", 65, "memory_bank.feature_size: expected at most data.image_size"),
         ("export", "method", "mean", "export.method: expected one of"),
     ],
 )
@@ -91,3 +95,18 @@ def test_exporting_seg_without_a_head_is_refused(raw_params):
         parse_params(raw)
     raw["export"]["method"] = "ssim"
     assert parse_params(raw).segmentation.steps == 0
+
+
+@pytest.mark.parametrize(("method", "section", "key", "zero", "message"), [
+    ("knn", "memory_bank", "coreset_ratio", 0, "export.method is 'knn' but memory_bank.coreset_ratio is 0"),
+    ("fused", "memory_bank", "coreset_ratio", 0, "export.method is 'fused' but memory_bank.coreset_ratio is 0"),
+    ("fused", "segmentation", "steps", 0, "export.method is 'fused' but segmentation.steps is 0"),
+])
+def test_exporting_a_map_whose_parts_are_not_trained_is_refused(raw_params, method, section, key, zero, message):
+    raw = copy.deepcopy(raw_params)
+    raw["export"]["method"] = method
+    raw[section][key] = zero
+    with pytest.raises(ParamsError, match=message.replace(".", r"\.")):
+        parse_params(raw)
+    raw["export"]["method"] = "l1"
+    assert getattr(parse_params(raw), section) is not None

@@ -57,16 +57,20 @@ def project(tmp_path_factory, request) -> Path:
 def test_repro_runs_every_stage_then_nothing(project):
     out = run(["dvc", "repro"], project)
     for stage in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim",
-                  "evaluate-seg", "export"):
+                  "evaluate-seg", "evaluate-knn", "evaluate-fused", "export"):
         assert f"Running stage '{stage}'" in out
     for name in ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "evaluate-l1", "evaluate-ssim",
-                 "evaluate-seg"):
+                 "evaluate-seg", "evaluate-knn", "evaluate-fused"):
         assert (project / "metrics" / f"{name}.json").is_file()
-    seg = json.loads((project / "metrics" / "evaluate-seg.json").read_text())
-    assert seg["method"] == "seg" and 0.0 <= seg["baseline"]["pixel_auroc"] <= 1.0
-    assert json.loads((project / "metrics" / "export.json").read_text())["method"] == "seg"
+    for method in ("seg", "knn", "fused"):
+        m = json.loads((project / "metrics" / f"evaluate-{method}.json").read_text())
+        assert m["method"] == method and 0.0 <= m["baseline"]["pixel_auroc"] <= 1.0
+        assert list((project / "plots" / f"evaluate-{method}" / "heatmaps").rglob("*.png"))
+    assert json.loads((project / "metrics" / "export.json").read_text())["method"] == "fused"
     trained = json.loads((project / "metrics" / "train-baseline.json").read_text())
     assert trained["categories"]["tile"]["segmentation"]["steps"] == 3
+    bank = trained["categories"]["tile"]["memory_bank"]
+    assert bank["patches"] == 5 * 32 * 32 and bank["bank_size"] == round(0.1 * bank["patches"])  # 5 of 6 train
     l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
     for model in ("baseline", "multiscale"):
         for key in ("image_auroc", "image_auroc_pooled", "pr_auc", "pixel_auroc", "aupro"):
@@ -74,7 +78,6 @@ def test_repro_runs_every_stage_then_nothing(project):
         for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold"):
             assert key in l1[model]["categories"]["tile"]
     assert list((project / "plots" / "evaluate-ssim" / "heatmaps").rglob("*.png"))
-    assert list((project / "plots" / "evaluate-seg" / "heatmaps").rglob("*.png"))
     assert (project / "models" / "baseline" / "bottle.pt").is_file()
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again
@@ -128,14 +131,20 @@ def test_exp_run_on_another_mvtec_folder(project, odd_dataset):
     assert l1["baseline"]["categories"]["widget"]["n_anomalous"] == 3
 
 
-def test_seed_recipe_runs_without_a_segmentation_head(project):
-    """segmentation.steps: 0 (part of the seed recipe) trains no head; evaluate-seg says so instead of failing."""
+def test_seed_recipe_runs_without_a_segmentation_head_or_memory_bank(project):
+    """segmentation.steps: 0 and memory_bank.coreset_ratio: 0 (part of the seed recipe) train neither; the
+    evaluation stages of the maps that need them say so instead of failing."""
     run(["git", "checkout", "-q", "HEAD", "--", "."], project)
-    out = run(["dvc", "exp", "run", "-S", "segmentation.steps=0", "-S", "export.method=ssim"], project)
+    out = run(["dvc", "exp", "run", "-S", "segmentation.steps=0", "-S", "memory_bank.coreset_ratio=0",
+               "-S", "export.method=ssim"], project)
     assert "Running stage 'evaluate-seg'" in out and "Running stage 'export'" in out
     seg = json.loads((project / "metrics" / "evaluate-seg.json").read_text())
     assert "no segmentation head" in seg["note"] and "baseline" not in seg
-    assert "segmentation" not in json.loads((project / "metrics" / "train-baseline.json").read_text())["categories"]["tile"]
+    knn = json.loads((project / "metrics" / "evaluate-knn.json").read_text())
+    assert "no memory bank" in knn["note"] and "baseline" not in knn
+    assert "nothing to score" in json.loads((project / "metrics" / "evaluate-fused.json").read_text())["note"]
+    tile = json.loads((project / "metrics" / "train-baseline.json").read_text())["categories"]["tile"]
+    assert "segmentation" not in tile and "memory_bank" not in tile
     assert json.loads((project / "metrics" / "export.json").read_text())["method"] == "ssim"
     assert (project / "plots" / "evaluate-seg" / "roc.csv").read_text().strip() == "model,category,fpr,tpr"
 

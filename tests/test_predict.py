@@ -31,12 +31,13 @@ def pipeline(tmp_path_factory, raw_params_module, odd_dataset_module):
     raw["baseline"]["base_channels"] = 4
     raw["multiscale"]["base_channels"] = 4
     raw["segmentation"].update(steps=4, batch_size=4, base_channels=4)
+    raw["memory_bank"].update(feature_size=8)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
     prepare_split(params.data, log=lambda m: None)
     for model in ("baseline", "multiscale"):
         train_and_save(params, model, work / "models" / model, log=lambda m: None)
-    for method in ("seg", "ssim"):  # ssim last: the tests below compare with its evaluation
+    for method in ("seg", "knn", "fused", "ssim"):  # ssim last: the tests below compare with its evaluation
         ev = evaluate(params, method, work / "models", log=lambda m: None)
         io.write_json(work / "models" / f"calibration-{method}.json", calibration_record(params, method, ev.calibration))
     return work, ev, odd_dataset_module

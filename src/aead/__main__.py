@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from aead.cli import log, run_stage
-from aead.params import MODEL_NAMES, load_params
+from aead.params import METHODS, MODEL_NAMES, load_params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--model", choices=MODEL_NAMES, default="baseline")
     p.add_argument("--category", required=True, help="which category's model to use")
-    p.add_argument("--method", choices=("l1", "ssim", "seg"),
+    p.add_argument("--method", choices=METHODS,
                    help="anomaly map (default: export.method from the params, as in the exported detectors)")
     p.add_argument("--params", default="params.yaml", help="the params the model was trained and evaluated with")
     p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files")

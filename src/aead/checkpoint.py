@@ -2,7 +2,8 @@
 
 One file per trained model under ``models/<model>/``: ``<category>.pt`` when training per category,
 ``joint.pt`` for one model of all categories (the seed's setting). A checkpoint also holds the segmentation
-head trained on top of the autoencoder when ``segmentation.steps`` > 0 (its settings in ``meta["segmentation"]``).
+head trained on top of the autoencoder when ``segmentation.steps`` > 0 (its settings in ``meta["segmentation"]``),
+and the memory bank of encoder patch features when ``memory_bank.coreset_ratio`` > 0 (``meta["memory_bank"]``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from aead import io
 from aead.errors import CheckpointError
-from aead.torch_model import SegmentationHead, build_head, build_model
+from aead.torch_model import PatchMemory, SegmentationHead, build_head, build_model
 
 FORMAT_VERSION = 1
 JOINT = "joint"
@@ -29,6 +30,7 @@ class Checkpoint:
     model: nn.Module
     meta: dict[str, Any]
     head: SegmentationHead | None = None
+    memory: PatchMemory | None = None
 
     @property
     def image_size(self) -> int:
@@ -45,10 +47,10 @@ def checkpoint_name(category: str | None) -> str:
 
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any],
-                    head_state_dict: dict[str, Any] | None = None) -> None:
+                    head_state_dict: dict[str, Any] | None = None, memory: PatchMemory | None = None) -> None:
     """Write weights and metadata atomically. ``meta`` must hold model, base_channels, image_size,
     categories (and ``segmentation.base_channels`` with a head); the rest (params, manifest digests, training
-    summary) is kept as given."""
+    summary) is kept as given. The memory bank's shape is recorded in ``meta["memory_bank"]``."""
     for key in ("model", "base_channels", "image_size", "categories"):
         if key not in meta:
             raise ValueError(f"checkpoint metadata needs '{key}'")
@@ -57,6 +59,11 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str
         if "base_channels" not in meta.get("segmentation", {}):
             raise ValueError("checkpoint metadata needs 'segmentation.base_channels' with a segmentation head")
         raw["head_state_dict"] = head_state_dict
+    if memory is not None:
+        raw["meta"] = {**meta, "memory_bank": {**meta.get("memory_bank", {}), "bank_size": int(memory.bank.shape[0]),
+                                               "channels": int(memory.bank.shape[1]),
+                                               "feature_size": memory.feature_size}}
+        raw["memory_state_dict"] = {k: v.detach().cpu() for k, v in memory.state_dict().items()}
     io.save_torch(path, raw)
 
 
@@ -97,7 +104,16 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect
             raise CheckpointError(f"{path}: segmentation head weights do not fit base_channels "
                                   f"{meta['segmentation']['base_channels']}: {err}") from err
         head.to(device).eval()
-    return Checkpoint(model=model, meta=meta, head=head)
+    memory = None
+    if "memory_state_dict" in raw:
+        shape = meta.get("memory_bank", {})
+        try:
+            memory = PatchMemory(int(shape["bank_size"]), int(shape["channels"]), int(shape["feature_size"]))
+            memory.load_state_dict(raw["memory_state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: memory bank does not fit its recorded shape {shape}: {err}") from err
+        memory.to(device).eval()
+    return Checkpoint(model=model, meta=meta, head=head, memory=memory)
 
 
 def find_checkpoint(model_dir: str | Path, category: str) -> Path:

@@ -3,6 +3,10 @@
 ``l1``: per-pixel L1 error (mean over channels), Gaussian-smoothed for localisation.
 ``ssim``: 1 - SSIM on grayscale with a Gaussian window, then Gaussian smoothing (the seed's heatmaps).
 ``seg``: the defect probability of the checkpoint's segmentation head (DRAEM-style), Gaussian-smoothed.
+``knn``: the distance of each patch's encoder features to the nearest defect-free patch in the checkpoint's memory
+bank (PatchCore-style), upsampled and Gaussian-smoothed.
+``fused``: the ``seg`` and ``knn`` maps, each standardised with its validation statistics (stored with the memory
+bank), summed and Gaussian-smoothed.
 Only the test manifest from prepare-split and the checkpoints are used; nothing is trained here.
 """
 
@@ -12,7 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,11 +28,11 @@ from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.corruption import corrupt_batch
 from aead.data import Sample, Split, categories_of, read_split
 from aead.errors import CheckpointError, DataError
-from aead.params import MODEL_NAMES, Params
+from aead.torch_model import PatchMemory
+from aead.params import METHODS, MODEL_NAMES, MethodName, Params, missing_components
 from aead.training import autocast_for, configure_threads, select_device, to_float, to_tensor
 
-Method = Literal["l1", "ssim", "seg"]
-METHODS: tuple[str, ...] = ("l1", "ssim", "seg")
+Method = MethodName
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
 Log = Callable[[str], None]
 
@@ -60,23 +64,40 @@ class Evaluation:
 
 
 def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float,
-                 head: nn.Module | None = None) -> Tensor:
-    """(N, H, W) anomaly map of a batch: smoothed L1 error, smoothed 1 - SSIM, or the smoothed defect
-    probability of the segmentation ``head`` (needed for ``seg``)."""
+                 head: nn.Module | None = None, memory: PatchMemory | None = None,
+                 encoder: nn.Module | None = None) -> Tensor:
+    """(N, H, W) anomaly map of a batch: smoothed L1 error, smoothed 1 - SSIM, the smoothed defect probability
+    of the segmentation ``head`` (``seg``), the smoothed nearest-patch distance to the ``memory`` bank of
+    ``encoder`` features (``knn``), or both standardised and summed (``fused``)."""
     if method == "l1":
         return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
-    if method == "seg":
-        if head is None:
-            raise ValueError("method 'seg' needs the checkpoint's segmentation head")
-        return maps.gaussian_blur(torch.sigmoid(head(x, recon).float()), smooth_sigma)[:, 0]
-    return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
+    if method == "ssim":
+        return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
+    if method in ("seg", "fused") and head is None:
+        raise ValueError(f"method '{method}' needs the checkpoint's segmentation head")
+    if method in ("knn", "fused") and (memory is None or encoder is None):
+        raise ValueError(f"method '{method}' needs the checkpoint's memory bank and encoder")
+    seg = torch.sigmoid(head(x, recon).float())[:, 0] if method in ("seg", "fused") else None  # in autocast if set
+    with torch.autocast(x.device.type, enabled=False):  # standardising and smoothing in bf16 would lose digits
+        if method == "seg":
+            raw = seg
+        elif method == "knn":
+            raw = memory.distance_map(encoder, x)
+        else:
+            raw = memory.fuse(seg, memory.distance_map(encoder, x))
+        return maps.gaussian_blur(raw.float()[:, None], smooth_sigma)[:, 0]
 
 
-def require_head(checkpoint: Checkpoint, path: Path | str) -> None:
-    """A clear error when ``seg`` scoring is asked of a checkpoint trained without a segmentation head."""
-    if checkpoint.head is None:
-        raise CheckpointError(f"{path}: has no segmentation head (trained with segmentation.steps: 0); "
-                              "use method l1 or ssim, or retrain with segmentation.steps > 0 (dvc repro)")
+def require_components(checkpoint: Checkpoint, path: Path | str, method: str) -> None:
+    """A clear error when ``method`` needs a part the checkpoint was trained without."""
+    if method in ("seg", "fused") and checkpoint.head is None:
+        raise CheckpointError(f"{path}: has no segmentation head (trained with segmentation.steps: 0), which "
+                              f"method '{method}' needs; use another method, or retrain with segmentation.steps > 0 "
+                              "(dvc repro)")
+    if method in ("knn", "fused") and checkpoint.memory is None:
+        raise CheckpointError(f"{path}: has no memory bank (trained with memory_bank.coreset_ratio: 0), which "
+                              f"method '{method}' needs; use another method, or retrain with "
+                              "memory_bank.coreset_ratio > 0 (dvc repro)")
 
 
 @torch.inference_mode()
@@ -95,14 +116,16 @@ def score_split_methods(checkpoint: Checkpoint, split: Split, methods: tuple[Met
     recon_kept: dict[int, np.ndarray] = {}
     model = checkpoint.model.to(memory_format=torch.channels_last)
     head = None if checkpoint.head is None else checkpoint.head.to(memory_format=torch.channels_last)
+    memory = checkpoint.memory
     autocast, _ = autocast_for(device, params.model.precision)
     for s in range(0, n, ev.batch_size):
         x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
         with autocast:
             recon = model(x).float()
         for m in methods:
-            with autocast if m == "seg" else nullcontext():
-                amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma, head).float()
+            with autocast if m in ("seg", "fused") else nullcontext():  # memory distances stay in fp32
+                amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma, head, memory,
+                                    model.encoder).float()
             # the map is already smoothed: score it as is (sigma 0 for 'max')
             batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
             for k in SCORE_NAMES:
@@ -222,8 +245,7 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             path = find_checkpoint(model_dir, cat)
             if path not in loaded:  # a joint model serves every category: load it once
                 loaded[path] = load_checkpoint(path, device, expect_model=model_name, expect_image_size=size)
-                if method == "seg":
-                    require_head(loaded[path], path)
+                require_components(loaded[path], path, method)
             ckpt = loaded[path]
             split = test.select([cat])
             keep = heatmap_indices(split.samples) if heatmap_indices else None
@@ -306,10 +328,14 @@ def calibration_record(params: Params, method: Method, calibration: dict[str, di
     }
 
 
-def no_head_record(params: Params) -> dict[str, Any]:
-    """The metrics of evaluate-seg when no segmentation head was trained (segmentation.steps: 0)."""
-    return {"method": "seg", "image_score": params.evaluate.image_score,
-            "note": "segmentation.steps is 0: no segmentation head was trained, so there is nothing to score"}
+def not_trained_record(params: Params, method: Method) -> dict[str, Any] | None:
+    """The metrics of an evaluation stage whose map needs a part these params do not train (the segmentation
+    head with segmentation.steps: 0, the memory bank with memory_bank.coreset_ratio: 0), else None."""
+    missing = missing_components(params, method)
+    if missing is None:
+        return None
+    return {"method": method, "image_score": params.evaluate.image_score,
+            "note": f"{missing}: there is nothing to score with method '{method}'"}
 
 
 def heatmap_picker(per_type: int) -> Callable[[list[Sample]], np.ndarray]:

@@ -24,17 +24,20 @@ from aead.data import resize_batch
 from aead.evaluation import anomaly_maps
 from aead.params import Params
 from aead.predict import load_trained
+from aead.torch_model import PatchMemory
 
 
 class Detector(nn.Module):
-    """Preprocessing, autoencoder, anomaly map (with the segmentation head for ``seg``), image score and score
-    normalisation in one module."""
+    """Preprocessing, autoencoder, anomaly map (with the segmentation head for ``seg`` and ``fused``, the memory
+    bank for ``knn`` and ``fused``), image score and score normalisation in one module."""
 
     def __init__(self, model: nn.Module, head: nn.Module | None, method: str, image_size: int, image_score: str,
-                 smooth_sigma: float, window_sigma: float, calibration: Calibration) -> None:
+                 smooth_sigma: float, window_sigma: float, calibration: Calibration,
+                 memory: PatchMemory | None = None) -> None:
         super().__init__()
         self.model = model.eval()
-        self.head = None if head is None else head.eval()  # only given (and saved) for method seg
+        self.head = None if head is None else head.eval()  # only given (and saved) where the map uses it
+        self.memory = None if memory is None else memory.eval()
         self.method = method
         self.image_size = image_size
         self.image_score = image_score
@@ -47,7 +50,7 @@ class Detector(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         recon = self.model(x).float()
         amap = anomaly_maps(self.method, x, recon, self.smooth_sigma, self.window_sigma,  # type: ignore[arg-type]
-                            self.head)
+                            self.head, self.memory, self.model.encoder)
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score][0].double()
         score = normalize_scores(raw, self.cal)
         return score, raw, amap[0]
@@ -57,11 +60,12 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
     """The detector for one trained model and category, with the evaluation stage's calibration."""
     checkpoint, cal = load_trained(params, models_root, model, category, method, torch.device("cpu"))
     ev = params.evaluate
-    head = checkpoint.head if method == "seg" else None
+    head = checkpoint.head if method in ("seg", "fused") else None
     if head is not None:
         head = head.to(memory_format=torch.channels_last)
+    memory = checkpoint.memory if method in ("knn", "fused") else None
     return Detector(checkpoint.model.to(memory_format=torch.channels_last), head, method, params.data.image_size,
-                    ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal).eval()
+                    ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal, memory).eval()
 
 
 def export_all(params: Params, models_root: Path, out_dir: Path, method: str) -> dict[str, Any]:

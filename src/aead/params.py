@@ -18,6 +18,8 @@ from aead.errors import ParamsError
 
 ModelName = Literal["baseline", "multiscale"]
 MODEL_NAMES: tuple[str, ...] = ("baseline", "multiscale")
+MethodName = Literal["l1", "ssim", "seg", "knn", "fused"]
+METHODS: tuple[str, ...] = typing.get_args(MethodName)  # the anomaly maps (one evaluation stage each)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,24 @@ class SegmentationParams:
 
 
 @dataclass(frozen=True)
+class MemoryBankParams:
+    """The PatchCore-style memory bank of encoder patch features built after each autoencoder (both training
+    stages)."""
+
+    coreset_ratio: float
+    feature_size: int
+
+    def check(self, image_size: int) -> None:
+        if not 0.0 <= self.coreset_ratio <= 1.0:
+            raise ParamsError(f"memory_bank.coreset_ratio: expected a number from 0 (no memory bank) to 1 (keep every "
+                              f"patch), got {self.coreset_ratio!r}")
+        _at_least("memory_bank.feature_size", self.feature_size, 1)
+        if self.feature_size > image_size:
+            raise ParamsError(f"memory_bank.feature_size: expected at most data.image_size ({image_size}), "
+                              f"got {self.feature_size}")
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Scoring and reporting options of the evaluation stages."""
 
@@ -163,7 +183,7 @@ class EvaluateParams:
 class ExportParams:
     """Which anomaly map the exported detectors use (stage ``export``)."""
 
-    method: Literal["l1", "ssim", "seg"]
+    method: MethodName
 
 
 @dataclass(frozen=True)
@@ -176,6 +196,7 @@ class Params:
     baseline: ArchParams
     multiscale: ArchParams
     segmentation: SegmentationParams
+    memory_bank: MemoryBankParams
     evaluate: EvaluateParams
     export: ExportParams
     source: Path = field(default=Path("params.yaml"), compare=False)
@@ -220,11 +241,22 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
     params.baseline.check("baseline")
     params.multiscale.check("multiscale")
     params.segmentation.check()
+    params.memory_bank.check(params.data.image_size)
     params.evaluate.check()
-    if params.export.method == "seg" and params.segmentation.steps == 0:
-        raise ParamsError(f"{source}: export.method is 'seg' but segmentation.steps is 0, so no segmentation head "
-                          "is trained; set export.method to l1 or ssim, or segmentation.steps > 0")
+    missing = missing_components(params, params.export.method)
+    if missing:
+        raise ParamsError(f"{source}: export.method is '{params.export.method}' but {missing}; choose another "
+                          "export.method or train what it needs")
     return params
+
+
+def missing_components(params: Params, method: str) -> str | None:
+    """Why ``method``'s map cannot be computed with these params (what is not trained), or None."""
+    if method in ("seg", "fused") and params.segmentation.steps == 0:
+        return "segmentation.steps is 0, so no segmentation head is trained"
+    if method in ("knn", "fused") and params.memory_bank.coreset_ratio == 0:
+        return "memory_bank.coreset_ratio is 0, so no memory bank is built"
+    return None
 
 
 def _build_section(name: str, cls: type, raw: Any, source: Path) -> Any:

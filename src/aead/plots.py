@@ -68,30 +68,53 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def heatmap_panel(path: Path, image: np.ndarray, recon: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
-                  title: str, vmax: float) -> None:
-    """One PNG: input, reconstruction, anomaly map, map over input, ground-truth mask."""
-    fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
-    axes[0].imshow(image)
-    axes[0].set_title("input")
-    axes[1].imshow(recon)
-    axes[1].set_title("reconstruction")
-    im = axes[2].imshow(amap, cmap="jet", vmin=0, vmax=vmax)
-    axes[2].set_title("anomaly map")
-    fig.colorbar(im, ax=axes[2], fraction=0.046)
-    axes[3].imshow(image)
-    axes[3].imshow(amap, cmap="jet", alpha=0.45, vmin=0, vmax=vmax)
-    axes[3].set_title("overlay")
-    if mask is not None:
-        axes[4].imshow(mask, cmap="gray", vmin=0, vmax=1)
-        axes[4].set_title("ground truth")
-    else:
-        axes[4].text(0.5, 0.5, "no mask", ha="center", va="center")
-        axes[4].set_title("ground truth")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    io.save_figure(path, fig, dpi=72)
-    plt.close(fig)
+class HeatmapPanels:
+    """Writes heatmap panels, one PNG each: input, reconstruction, anomaly map, map over input, ground-truth mask.
+
+    One figure is drawn once and updated for every panel: a fresh figure per panel took 0.20 s, the update
+    0.06 s (development CPU, 64 px), which matters with 32 panels in each of four evaluation stages."""
+
+    def __init__(self) -> None:
+        self._fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
+        rgb, gray = np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.float32)
+        self._axes = axes
+        self._input = axes[0].imshow(rgb)
+        self._recon = axes[1].imshow(rgb)
+        self._map = axes[2].imshow(gray, cmap="jet")
+        self._bar = self._fig.colorbar(self._map, ax=axes[2], fraction=0.046)
+        self._under = axes[3].imshow(rgb)
+        self._over = axes[3].imshow(gray, cmap="jet", alpha=0.45)
+        self._mask = axes[4].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        self._no_mask = axes[4].text(0.5, 0.5, "no mask", ha="center", va="center", transform=axes[4].transAxes)
+        for ax, name in zip(axes, ("input", "reconstruction", "anomaly map", "overlay", "ground truth")):
+            ax.set_title(name)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        self._title = self._fig.suptitle("", fontsize=10)
+        self._fig.tight_layout()
+
+    def write(self, path: Path, image: np.ndarray, recon: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
+              title: str, vmax: float, vmin: float = 0.0) -> None:
+        """One panel; the map's colour scale spans ``vmin`` to ``vmax``."""
+        h, w = amap.shape
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
+        layers = [(self._input, image), (self._recon, recon), (self._map, amap), (self._under, image),
+                  (self._over, amap)]
+        if mask is not None:
+            layers.append((self._mask, mask))
+        for im, data in layers:
+            im.set_data(data)
+            im.set_extent(extent)
+        for ax in self._axes:
+            ax.set_xlim(extent[0], extent[1])
+            ax.set_ylim(extent[2], extent[3])
+        self._map.set_clim(vmin, vmax)
+        self._over.set_clim(vmin, vmax)
+        self._bar.update_normal(self._map)
+        self._mask.set_visible(mask is not None)
+        self._no_mask.set_visible(mask is None)
+        self._title.set_text(title)
+        io.save_figure(path, self._fig, dpi=72)
+
+    def close(self) -> None:
+        plt.close(self._fig)

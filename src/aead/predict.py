@@ -22,7 +22,7 @@ from aead.calibration import Calibration
 from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.data import IMAGE_EXTENSIONS, Sample, Split, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError
-from aead.evaluation import require_head, score_split
+from aead.evaluation import require_components, score_split
 from aead.params import Params
 from aead.training import configure_threads, select_device
 
@@ -78,8 +78,7 @@ def load_trained(params: Params, models_root: Path, model: str, category: str, m
     """The checkpoint serving ``category`` and the threshold calibrated for it by the evaluation stage."""
     path = find_checkpoint(models_root / model, category)
     checkpoint = load_checkpoint(path, device, expect_model=model, expect_image_size=params.data.image_size)
-    if method == "seg":
-        require_head(checkpoint, path)
+    require_components(checkpoint, path, method)
     cal = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)
     return checkpoint, cal
 

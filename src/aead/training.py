@@ -1,6 +1,7 @@
 """The training loop: L1 reconstruction, Adam, ReduceLROnPlateau, early stopping, gradient clipping,
 mixed precision (bf16), and data-parallel training under ``torchrun`` (DistributedDataParallel); then the
-DRAEM-style segmentation head on top of the frozen autoencoder (focal loss on synthetic defects).
+DRAEM-style segmentation head on top of the frozen autoencoder (focal loss on synthetic defects), and last the
+PatchCore-style memory bank of the encoder's patch features (:mod:`aead.memory_bank`).
 
 Images arrive as the cached uint8 arrays of prepare-split, memory-mapped: each batch is gathered from the
 file, so memory does not grow with the data set (on a GPU the whole array is uploaded once when it fits).
@@ -34,6 +35,7 @@ from aead.checkpoint import JOINT, checkpoint_name, save_checkpoint
 from aead.data import manifest_digest, read_split
 from aead.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
+from aead.memory_bank import MemoryResult, build_memory
 from aead.params import ModelParams, Params, SegmentationParams
 from aead.torch_model import build_head, build_model, count_parameters
 
@@ -531,10 +533,22 @@ def train_and_save(
                 head = train_segmentation_head(trained_ae, train.images, params.segmentation, params.model, device,
                                                log, tag=f"{model_name}/{label}")
                 meta["segmentation"] = {**dataclasses.asdict(params.segmentation), "final_loss": head.final_loss}
+            bank: MemoryResult | None = None
+            if params.memory_bank.coreset_ratio > 0 and dist_ctx.is_main:
+                trained_ae = build_model(model_name, arch.base_channels)
+                trained_ae.load_state_dict(result.state_dict)
+                trained_head = None
+                if head is not None:
+                    trained_head = build_head(params.segmentation.base_channels)
+                    trained_head.load_state_dict(head.state_dict)
+                bank = build_memory(trained_ae, trained_head, train.images, val.images, params.memory_bank,
+                                    params.model, device, log=log, tag=f"{model_name}/{label}")
+                meta["memory_bank"] = dataclasses.asdict(params.memory_bank)
             barrier(dist_ctx)
             if tmp_dir is not None:
                 save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta,
-                                head_state_dict=head.state_dict if head else None)
+                                head_state_dict=head.state_dict if head else None,
+                                memory=bank.memory if bank else None)
             summary = {
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
@@ -549,6 +563,9 @@ def train_and_save(
                 summary["segmentation"] = {"parameters": head.parameters, "steps": head.steps,
                                            "final_loss": head.final_loss, "train_seconds": round(head.seconds, 2),
                                            "images_per_second": round(head.images_per_second, 2)}
+            if bank is not None:
+                summary["memory_bank"] = {"patches": bank.patches, "bank_size": int(bank.memory.bank.shape[0]),
+                                          "seconds": round(bank.seconds, 2)}
             metrics["categories"][label] = summary
             rows += [{"model": model_name, "category": label, **h} for h in result.history]
     per = metrics["categories"].values()

@@ -70,7 +70,8 @@ def test_repro_runs_every_stage_then_nothing(project):
     trained = json.loads((project / "metrics" / "train-baseline.json").read_text())
     assert trained["categories"]["tile"]["segmentation"]["steps"] == 3
     bank = trained["categories"]["tile"]["memory_bank"]
-    assert bank["patches"] == 5 * 32 * 32 and bank["bank_size"] == round(0.1 * bank["patches"])  # 5 of 6 train
+    ratio = yaml.safe_load((project / "params.yaml").read_text())["memory_bank"]["coreset_ratio"]
+    assert bank["patches"] == 5 * 32 * 32 and bank["bank_size"] == round(ratio * bank["patches"])  # 5 of 6 train
     l1 = json.loads((project / "metrics" / "evaluate-l1.json").read_text())
     for model in ("baseline", "multiscale"):
         for key in ("image_auroc", "image_auroc_pooled", "pr_auc", "pixel_auroc", "aupro"):
@@ -156,7 +157,7 @@ def test_bad_param_fails_with_the_key(project):
     assert "data.image_size: expected a positive multiple of 8" in proc.stdout + proc.stderr
 
 
-TIMING_KEYS = {"train_seconds", "images_per_second"}
+TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds"}
 
 
 def without_timing(obj):

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,12 +69,14 @@ def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> list[
 
 @torch.inference_mode()
 def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: np.ndarray, val_images: np.ndarray,
-                 bank: MemoryBankParams, params: ModelParams, device: torch.device, batch_size: int = 32,
-                 log: Log = print, tag: str = "") -> MemoryResult:
+                 bank: MemoryBankParams, params: ModelParams, device: torch.device,
+                 autocast: AbstractContextManager[Any] | None = None, batch_size: int = 32, log: Log = print,
+                 tag: str = "") -> MemoryResult:
     """The memory bank of ``autoencoder``'s encoder over ``train_images`` (uint8 NHWC), and its fusion statistics
-    on ``val_images`` (with the segmentation ``head``'s map; without a head the seg statistics stay 0 and 1)."""
-    from aead.training import autocast_for  # training imports this module
+    on ``val_images`` (with the segmentation ``head``'s map; without a head the seg statistics stay 0 and 1).
 
+    ``autocast``: the context the autoencoder and head run in, as in evaluation (the distances are fp32)."""
+    autocast = nullcontext() if autocast is None else autocast
     start = time.perf_counter()
     autoencoder = autoencoder.to(device).eval()
     encoder = autoencoder.encoder
@@ -85,7 +89,6 @@ def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: n
     memory = memory.to(device)
     if len(val_images) == 0:
         raise ValueError(f"{tag}: the memory bank's fusion statistics need validation images")
-    autocast, _ = autocast_for(device, params.precision)
     distances, probabilities = [], []
     for x in _batches(val_images, batch_size, device):
         distances.append(memory.distance_map(encoder, x).flatten().cpu())

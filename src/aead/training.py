@@ -542,7 +542,8 @@ def train_and_save(
                     trained_head = build_head(params.segmentation.base_channels)
                     trained_head.load_state_dict(head.state_dict)
                 bank = build_memory(trained_ae, trained_head, train.images, val.images, params.memory_bank,
-                                    params.model, device, log=log, tag=f"{model_name}/{label}")
+                                    params.model, device, autocast=autocast_for(device, params.model.precision)[0],
+                                    log=log, tag=f"{model_name}/{label}")
                 meta["memory_bank"] = dataclasses.asdict(params.memory_bank)
             barrier(dist_ctx)
             if tmp_dir is not None:
@@ -565,7 +566,7 @@ def train_and_save(
                                            "images_per_second": round(head.images_per_second, 2)}
             if bank is not None:
                 summary["memory_bank"] = {"patches": bank.patches, "bank_size": int(bank.memory.bank.shape[0]),
-                                          "seconds": round(bank.seconds, 2)}
+                                          "build_seconds": round(bank.seconds, 2)}
             metrics["categories"][label] = summary
             rows += [{"model": model_name, "category": label, **h} for h in result.history]
     per = metrics["categories"].values()

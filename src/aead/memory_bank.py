@@ -13,7 +13,7 @@ probability map) are measured on the validation images, never on test images.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -62,9 +62,10 @@ def greedy_coreset(features: Tensor, size: int, seed: int) -> Tensor:
     return chosen
 
 
-def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> list[Tensor]:
-    return [torch.from_numpy(np.array(images[s : s + batch_size])).to(device).permute(0, 3, 1, 2).float() / 255.0
-            for s in range(0, len(images), batch_size)]
+def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+    """Float NCHW batches of uint8 NHWC ``images``, one at a time (the images may be memory-mapped)."""
+    for s in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.array(images[s : s + batch_size])).to(device).permute(0, 3, 1, 2).float() / 255.0
 
 
 @torch.inference_mode()
@@ -89,13 +90,15 @@ def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: n
     memory = memory.to(device)
     if len(val_images) == 0:
         raise ValueError(f"{tag}: the memory bank's fusion statistics need validation images")
+    if head is not None:
+        head = head.to(device).eval()
     distances, probabilities = [], []
     for x in _batches(val_images, batch_size, device):
         distances.append(memory.distance_map(encoder, x).flatten().cpu())
         if head is not None:
             with autocast:
                 recon = autoencoder(x).float()
-                probabilities.append(torch.sigmoid(head.to(device).eval()(x, recon).float()).flatten().cpu())
+                probabilities.append(torch.sigmoid(head(x, recon).float()).flatten().cpu())
     d = torch.cat(distances).double()
     stats = [d.mean(), d.std().clamp_min(STD_FLOOR)]
     if probabilities:

@@ -39,7 +39,8 @@ from aead.evaluation import score_split, score_split_methods
 from aead.params import load_params
 from aead.synthetic import generate_dataset
 from aead.torch_model import build_model
-from aead.training import autocast_for, to_float, to_tensor, train_step
+from aead.data import to_float, to_tensor
+from aead.training import autocast_for, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

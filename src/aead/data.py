@@ -310,3 +310,14 @@ def manifest_digest(folder: str | Path, name: str) -> str:
 def categories_of(samples: Sequence[Sample]) -> list[str]:
     """Categories in order of first appearance."""
     return list(dict.fromkeys(s.category for s in samples))
+
+
+def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(N, H, W, 3) uint8 array -> (N, 3, H, W) uint8 tensor on ``device`` (converted to float per batch)."""
+    array = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # copies a read-only memory map
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
+def to_float(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU)."""
+    return (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)

@@ -26,11 +26,11 @@ from aead import maps, metrics
 from aead.calibration import Calibration, calibrate
 from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.corruption import corrupt_batch
-from aead.data import Sample, Split, categories_of, read_split
+from aead.data import Sample, Split, categories_of, read_split, to_float, to_tensor
 from aead.errors import CheckpointError, DataError
 from aead.params import METHODS, MODEL_NAMES, MethodName, Params, missing_components
 from aead.torch_model import PatchMemory
-from aead.training import autocast_for, configure_threads, select_device, to_float, to_tensor
+from aead.training import autocast_for, configure_threads, select_device
 
 Method = MethodName
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from aead.data import to_float, to_tensor
 from aead.params import MemoryBankParams, ModelParams
 from aead.torch_model import PatchMemory, patch_features
 
@@ -65,7 +66,7 @@ def greedy_coreset(features: Tensor, size: int, seed: int) -> Tensor:
 def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
     """Float NCHW batches of uint8 NHWC ``images``, one at a time (the images may be memory-mapped)."""
     for s in range(0, len(images), batch_size):
-        yield torch.from_numpy(np.array(images[s : s + batch_size])).to(device).permute(0, 3, 1, 2).float() / 255.0
+        yield to_float(to_tensor(images[s : s + batch_size], device))
 
 
 @torch.inference_mode()

@@ -32,7 +32,7 @@ from aead import io
 from aead.corruption import corrupt_batch
 from aead.maps import rgb_to_gray, ssim_map
 from aead.checkpoint import JOINT, checkpoint_name, save_checkpoint
-from aead.data import manifest_digest, read_split
+from aead.data import manifest_digest, read_split, to_float, to_tensor
 from aead.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
 from aead.memory_bank import MemoryResult, build_memory
@@ -55,17 +55,6 @@ def configure_threads(num_threads: int) -> None:
     """Set torch's CPU thread count (0 keeps torch's default: one per core)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
-
-
-def to_tensor(images: np.ndarray, device: torch.device) -> Tensor:
-    """(N, H, W, 3) uint8 array -> (N, 3, H, W) uint8 tensor on ``device`` (converted to float per batch)."""
-    array = np.require(images, dtype=np.uint8, requirements=["C", "W"])  # copies a read-only memory map
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
-
-
-def to_float(batch: Tensor) -> Tensor:
-    """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU)."""
-    return (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
 
 
 # Upload the whole training array to the GPU when it takes at most this share of the free GPU memory.

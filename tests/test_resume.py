@@ -44,7 +44,10 @@ def test_killed_training_resumes_to_the_same_result(setup, sig):
     work, repo = setup
     subprocess.run(train_cmd(work, repo, "whole"), check=True, capture_output=True)
 
-    proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored:
+    # give the child the default disposition, so that it sees the interrupt as a user's Ctrl-C
+    proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     state = work / "resume-cut" / "widget.pt"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

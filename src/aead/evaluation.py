@@ -28,7 +28,7 @@ from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from aead.corruption import corrupt_batch
 from aead.data import Sample, Split, categories_of, read_split, to_float, to_tensor
 from aead.errors import CheckpointError, DataError
-from aead.params import METHODS, MODEL_NAMES, MethodName, Params, missing_components
+from aead.params import BANK_METHODS, HEAD_METHODS, METHODS, MODEL_NAMES, MethodName, Params, missing_components
 from aead.torch_model import PatchMemory
 from aead.training import autocast_for, configure_threads, select_device
 
@@ -73,11 +73,11 @@ def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, 
         return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
     if method == "ssim":
         return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
-    if method in ("seg", "fused") and head is None:
+    if method in HEAD_METHODS and head is None:
         raise ValueError(f"method '{method}' needs the checkpoint's segmentation head")
-    if method in ("knn", "fused") and (memory is None or encoder is None):
+    if method in BANK_METHODS and (memory is None or encoder is None):
         raise ValueError(f"method '{method}' needs the checkpoint's memory bank and encoder")
-    seg = torch.sigmoid(head(x, recon).float())[:, 0] if method in ("seg", "fused") else None  # in autocast if set
+    seg = torch.sigmoid(head(x, recon).float())[:, 0] if method in HEAD_METHODS else None  # in autocast if set
     with torch.autocast(x.device.type, enabled=False):  # standardising and smoothing in bf16 would lose digits
         if method == "seg":
             raw = seg
@@ -90,11 +90,11 @@ def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, 
 
 def require_components(checkpoint: Checkpoint, path: Path | str, method: str) -> None:
     """A clear error when ``method`` needs a part the checkpoint was trained without."""
-    if method in ("seg", "fused") and checkpoint.head is None:
+    if method in HEAD_METHODS and checkpoint.head is None:
         raise CheckpointError(f"{path}: has no segmentation head (trained with segmentation.steps: 0), which "
                               f"method '{method}' needs; use another method, or retrain with segmentation.steps > 0 "
                               "(dvc repro)")
-    if method in ("knn", "fused") and checkpoint.memory is None:
+    if method in BANK_METHODS and checkpoint.memory is None:
         raise CheckpointError(f"{path}: has no memory bank (trained with memory_bank.coreset_ratio: 0), which "
                               f"method '{method}' needs; use another method, or retrain with "
                               "memory_bank.coreset_ratio > 0 (dvc repro)")
@@ -123,7 +123,7 @@ def score_split_methods(checkpoint: Checkpoint, split: Split, methods: tuple[Met
         with autocast:
             recon = model(x).float()
         for m in methods:
-            with autocast if m in ("seg", "fused") else nullcontext():  # memory distances stay in fp32
+            with autocast if m in HEAD_METHODS else nullcontext():  # memory distances stay in fp32
                 amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma, head, memory,
                                     model.encoder).float()
             # the map is already smoothed: score it as is (sigma 0 for 'max')

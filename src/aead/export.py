@@ -22,7 +22,7 @@ from aead import io, maps
 from aead.calibration import Calibration, normalize_scores
 from aead.data import resize_batch
 from aead.evaluation import anomaly_maps
-from aead.params import Params
+from aead.params import BANK_METHODS, HEAD_METHODS, Params
 from aead.predict import load_trained
 from aead.torch_model import PatchMemory
 
@@ -60,10 +60,10 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
     """The detector for one trained model and category, with the evaluation stage's calibration."""
     checkpoint, cal = load_trained(params, models_root, model, category, method, torch.device("cpu"))
     ev = params.evaluate
-    head = checkpoint.head if method in ("seg", "fused") else None
+    head = checkpoint.head if method in HEAD_METHODS else None
     if head is not None:
         head = head.to(memory_format=torch.channels_last)
-    memory = checkpoint.memory if method in ("knn", "fused") else None
+    memory = checkpoint.memory if method in BANK_METHODS else None
     return Detector(checkpoint.model.to(memory_format=torch.channels_last), head, method, params.data.image_size,
                     ev.image_score, ev.smooth_sigma, ev.ssim_window_sigma, cal, memory).eval()
 

@@ -20,6 +20,8 @@ ModelName = Literal["baseline", "multiscale"]
 MODEL_NAMES: tuple[str, ...] = ("baseline", "multiscale")
 MethodName = Literal["l1", "ssim", "seg", "knn", "fused"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)  # the anomaly maps (one evaluation stage each)
+HEAD_METHODS: tuple[str, ...] = ("seg", "fused")  # the maps computed with the segmentation head
+BANK_METHODS: tuple[str, ...] = ("knn", "fused")  # the maps computed with the memory bank
 
 
 @dataclass(frozen=True)
@@ -252,9 +254,9 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
 
 def missing_components(params: Params, method: str) -> str | None:
     """Why ``method``'s map cannot be computed with these params (what is not trained), or None."""
-    if method in ("seg", "fused") and params.segmentation.steps == 0:
+    if method in HEAD_METHODS and params.segmentation.steps == 0:
         return "segmentation.steps is 0, so no segmentation head is trained"
-    if method in ("knn", "fused") and params.memory_bank.coreset_ratio == 0:
+    if method in BANK_METHODS and params.memory_bank.coreset_ratio == 0:
         return "memory_bank.coreset_ratio is 0, so no memory bank is built"
     return None
 

@@ -53,6 +53,9 @@ def test_metrics_keys_and_undefined_auroc(trained):
         cal = ev.calibration[model]["widget"]
         assert widget["calibrated_threshold"] == cal.threshold and cal.n_good == 1 and cal.n_synthetic == 1  # 15 % of 8 train images
         assert set(widget["calibrated"]) >= {"precision", "recall", "f1"}
+        assert widget["calibration_validation"] == {"auroc": cal.validation_auroc, "good_flagged": cal.good_flagged}
+        assert ("calibration_warning" in widget) == (cal.warning() is not None)
+        assert any(f"{model}/widget: the threshold flags" in line for line in lines) == (cal.warning() is not None)
         plain = ev.metrics[model]["categories"]["plain"]
         assert plain["image_auroc"] is None and plain["pixel_auroc"] is None and "no anomalous" in plain["note"]
         assert ev.metrics[model]["image_auroc"] == widget["image_auroc"], "overall = mean over defined categories"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,23 @@ def test_unreadable_files_are_listed_and_do_not_stop_the_others(pipeline, tmp_pa
     assert rows["fine.png"]["verdict"] in ("good", "anomalous") and not rows["fine.png"]["error"]
     assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["verdict"] == ""
     assert "broken.png" in proc.stderr
+
+
+def test_an_unreliable_threshold_is_warned_about(pipeline, tmp_path):
+    work, _, root = pipeline
+    shutil.copytree(work / "models", tmp_path / "models")
+    path = tmp_path / "models" / "calibration-ssim.json"
+    record = json.loads(path.read_text())
+    record["models"]["baseline"]["widget"].update(good_flagged=1.0, validation_auroc=0.4)
+    path.write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(root / "widget" / "test" / "good"),
+                           "--category", "widget", "--model", "baseline", "--method", "ssim",
+                           "--params", str(work / "params.yaml"), "--models-root", str(tmp_path / "models"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    n_good = record["models"]["baseline"]["widget"]["n_good"]
+    assert f"the threshold flags {n_good} of {n_good} validation good images" in proc.stdout + proc.stderr
+    assert "0.40" in proc.stdout + proc.stderr
 
 
 def test_unknown_category_is_a_clear_error(pipeline):

@@ -27,6 +27,8 @@ class Calibration:
     high: float
     n_good: int
     n_synthetic: int
+    validation_auroc: float | None = None  # validation good images against their synthetic-defect copies
+    good_flagged: float | None = None  # share of the validation good images the threshold flags
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Map raw scores to [0, 1] with the threshold at exactly 0.5."""
@@ -42,7 +44,20 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
-        return cls(**{k: raw[k] for k in ("threshold", "low", "high", "n_good", "n_synthetic")})
+        """The calibration a :meth:`to_dict` wrote (files from before the validation diagnostics lack them)."""
+        return cls(**{k: raw[k] for k in ("threshold", "low", "high", "n_good", "n_synthetic")},
+                   **{k: raw.get(k) for k in ("validation_auroc", "good_flagged")})
+
+    def warning(self) -> str | None:
+        """Why this threshold's verdicts cannot be trusted, or None: it flags most validation good images,
+        which happens when the map scores the synthetic-defect copies no higher than the good images (the
+        best F1 on validation is then to flag everything)."""
+        if self.good_flagged is None or self.good_flagged <= 0.5:
+            return None
+        auroc = "undefined" if self.validation_auroc is None else f"{self.validation_auroc:.2f}"
+        return (f"the threshold flags {round(self.good_flagged * self.n_good)} of {self.n_good} validation good "
+                f"images (validation AUROC of good against synthetic-defect images: {auroc}); its verdicts "
+                "are unreliable for this map")
 
 
 def normalize_scores(scores: Tensor, bounds: Tensor) -> Tensor:
@@ -68,4 +83,5 @@ def calibrate(good: Any, synthetic: Any) -> Calibration:
     threshold = float((flagged + lower.max()) / 2) if lower.size else float(flagged)
     return Calibration(threshold=threshold, low=float(min(scores.min(), threshold)),
                        high=float(max(scores.max(), threshold)), n_good=int(good.size),
-                       n_synthetic=int(synthetic.size))
+                       n_synthetic=int(synthetic.size), validation_auroc=metrics.auroc(labels, scores),
+                       good_flagged=float(np.mean(good >= threshold)))

@@ -191,6 +191,11 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
         out["calibrated_threshold"] = calibration.threshold
         at = metrics.precision_recall_f1_at(labels, headline, calibration.threshold)
         out["calibrated"] = {k: at[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")}
+        out["calibration_validation"] = {"auroc": calibration.validation_auroc,
+                                         "good_flagged": calibration.good_flagged}
+        warning = calibration.warning()
+        if warning:
+            out["calibration_warning"] = warning
     out["image_auroc_by_score"] = {k: metrics.auroc(labels, v) for k, v in result.scores.items()}
     out["mean_score_good"] = float(headline[labels == 0].mean()) if n_good else None
     out["mean_score_anomalous"] = float(headline[labels == 1].mean()) if n_bad else None
@@ -255,6 +260,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             ev.results[model_name][cat] = result
             ev.calibration[model_name][cat] = cal
             per_cat[cat] = category_metrics(result, score, cat, log, cal)
+            if "calibration_warning" in per_cat[cat]:
+                log(f"warning: [{method}] {model_name}/{cat}: {per_cat[cat]['calibration_warning']}")
             pooled_labels.append(result.labels)
             pooled_scores.append(result.scores[score])
             _append_rows(ev, model_name, cat, result, per_cat[cat], score, params.evaluate.curve_points, cal)

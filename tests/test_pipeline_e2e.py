@@ -180,7 +180,10 @@ def test_repro_force_gives_identical_metrics(project):
 def test_queued_experiments_run_concurrently(project):
     run(["git", "checkout", "-q", "HEAD", "--", "."], project)
     run(["dvc", "exp", "run", "--queue", "-S", "model.lr=0.003,0.0005"], project)  # a two-point sweep
-    run(["dvc", "queue", "start", "-j", "2"], project)
+    # the workers `dvc queue start` leaves behind inherit its stdout and stderr: captured, the call would wait for
+    # them to exit (one DVC worker was once seen to stay idle after the queue drained, and the suite hung)
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=project, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=120)
     deadline = time.time() + 600
     while time.time() < deadline:
         status = run(["dvc", "queue", "status"], project)

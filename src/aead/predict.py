@@ -89,8 +89,9 @@ def predict(inputs: Iterable[str | Path], model: str, category: str, method: str
     configure_threads(params.model.num_threads)
     device = select_device(params.model.device)
     checkpoint, cal = load_trained(params, models_root, model, category, method, device)
-    if cal.warning():
-        log(f"warning: {model}/{category}, method '{method}': {cal.warning()}")
+    warning = cal.warning()
+    if warning:
+        log(f"warning: {model}/{category}, method '{method}': {warning}")
     files = expand_inputs(inputs)
     if not files:
         raise DataError("no image files given (expected image files or folders of them)")

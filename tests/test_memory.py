@@ -42,14 +42,36 @@ def test_patch_features_bring_three_levels_to_one_grid(feature_size):
         torch.testing.assert_close(f[:, 12:, 1, 1], centre)
 
 
-def test_distance_map_equals_brute_force_nearest_neighbour():
+def test_mirrored_border_makes_the_patches_of_a_uniform_image_alike():
+    """A uniform image has one texture everywhere: with a mirrored border wider than the deepest level's receptive
+    field every patch gets the same features, while the zero padding alone makes the border patches differ."""
+    encoder = build_model("baseline", 4, seed=0).encoder.eval()
+    x = torch.full((1, 3, 32, 32), 0.6)
+    with torch.no_grad():
+        zero = patch_features(encoder, x, 8)
+        mirrored = patch_features(encoder, x, 8, padding=28)
+    centre = mirrored[:, :, 4:5, 4:5].expand_as(mirrored)
+    torch.testing.assert_close(mirrored, centre)
+    assert (zero - zero[:, :, 4:5, 4:5]).abs().amax() > 100 * (mirrored - centre).abs().amax() + 1e-3
+    assert torch.equal(patch_features(encoder, x, 8, padding=0), zero)
+
+
+@pytest.mark.parametrize("padding", [-4, 2, 6])
+def test_patch_features_refuse_a_padding_that_does_not_fall_on_every_level(padding):
+    encoder = build_model("baseline", 4, seed=0).encoder.eval()
+    with pytest.raises(ValueError, match="padding must be a non-negative multiple of 4"):
+        patch_features(encoder, to_batch(images(1)), 8, padding=padding)
+
+
+@pytest.mark.parametrize("padding", [0, 4])
+def test_distance_map_equals_brute_force_nearest_neighbour(padding):
     encoder = build_model("multiscale", 4, seed=1).encoder.eval()
     x = to_batch(images(3, seed=1))
-    memory = PatchMemory(bank_size=50, channels=28, feature_size=8)
+    memory = PatchMemory(bank_size=50, channels=28, feature_size=8, padding=padding)
     memory.bank.copy_(torch.randn(50, 28, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         d = memory.distance_map(encoder, x)
-        f = patch_features(encoder, x, 8).permute(0, 2, 3, 1).reshape(-1, 28)
+        f = patch_features(encoder, x, 8, padding).permute(0, 2, 3, 1).reshape(-1, 28)
     brute = torch.cdist(f.double(), memory.bank.double()).min(dim=1).values.float().reshape(3, 1, 8, 8)
     expected = torch.nn.functional.interpolate(brute, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
     assert d.shape == (3, 16, 16)
@@ -83,7 +105,7 @@ def test_greedy_coreset_covers_separated_clusters_and_is_deterministic():
 def test_build_memory_keeps_the_ratio_and_measures_fusion_statistics_on_validation_images():
     ae = build_model("baseline", 4, seed=0).eval()
     head = None
-    bank = MemoryBankParams(coreset_ratio=0.25, feature_size=8)
+    bank = MemoryBankParams(coreset_ratio=0.25, feature_size=8, border_padding=4)
     train, val = images(6), images(3, seed=2)
     a = build_memory(ae, head, train, val, bank, PARAMS, torch.device("cpu"), log=lambda m: None)
     b = build_memory(ae, head, train, val, bank, PARAMS, torch.device("cpu"), log=lambda m: None)
@@ -98,20 +120,33 @@ def test_build_memory_keeps_the_ratio_and_measures_fusion_statistics_on_validati
 
 def test_checkpoint_round_trip_with_a_memory_bank(tmp_path):
     model = build_model("baseline", 4, seed=0)
-    memory = PatchMemory(10, 28, 8)
+    memory = PatchMemory(10, 28, 8, padding=4)
     memory.bank.copy_(torch.arange(280.0).reshape(10, 28))
     memory.fusion.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     meta = {"model": "baseline", "base_channels": 4, "image_size": 16, "categories": ["x"],
-            "memory_bank": dataclasses.asdict(MemoryBankParams(coreset_ratio=0.5, feature_size=8))}
+            "memory_bank": dataclasses.asdict(MemoryBankParams(coreset_ratio=0.5, feature_size=8, border_padding=4))}
     save_checkpoint(tmp_path / "x.pt", model.state_dict(), meta, memory=memory)
     ck = load_checkpoint(tmp_path / "x.pt")
     assert ck.memory is not None and ck.head is None
     assert torch.equal(ck.memory.bank, memory.bank) and torch.equal(ck.memory.fusion, memory.fusion)
-    assert ck.memory.feature_size == 8
-    assert ck.meta["memory_bank"] == {"coreset_ratio": 0.5, "feature_size": 8, "bank_size": 10, "channels": 28}
+    assert ck.memory.feature_size == 8 and ck.memory.padding == 4
+    assert ck.meta["memory_bank"] == {"coreset_ratio": 0.5, "feature_size": 8, "border_padding": 4, "bank_size": 10,
+                                      "channels": 28}
     assert "bank_size" not in meta["memory_bank"], "the caller's meta is not changed"
     raw = torch.load(tmp_path / "x.pt", weights_only=True)
     raw["meta"]["memory_bank"]["bank_size"] = 11
     torch.save(raw, tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match=r"y\.pt: memory bank does not fit its recorded shape"):
         load_checkpoint(tmp_path / "y.pt")
+
+
+def test_a_bank_saved_before_border_padding_existed_loads_without_mirroring(tmp_path):
+    model = build_model("baseline", 4, seed=0)
+    memory = PatchMemory(10, 28, 8, padding=4)
+    meta = {"model": "baseline", "base_channels": 4, "image_size": 16, "categories": ["x"]}
+    save_checkpoint(tmp_path / "x.pt", model.state_dict(), meta, memory=memory)
+    raw = torch.load(tmp_path / "x.pt", weights_only=True)
+    del raw["meta"]["memory_bank"]["border_padding"]
+    torch.save(raw, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "x.pt").memory.padding == 4
+    assert load_checkpoint(tmp_path / "old.pt").memory.padding == 0

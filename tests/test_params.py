@@ -43,6 +43,9 @@ def test_committed_params_are_valid(repo_root):
         ("memory_bank", "coreset_ratio", 1.5, "memory_bank.coreset_ratio: expected a number from 0"),
         ("memory_bank", "feature_size", 0, "memory_bank.feature_size: expected a whole number >= 1"),
         ("memory_bank", "feature_size", 65, "memory_bank.feature_size: expected at most data.image_size"),
+        ("memory_bank", "border_padding", -4, "memory_bank.border_padding: expected a whole number >= 0"),
+        ("memory_bank", "border_padding", 6, "memory_bank.border_padding: expected a multiple of 4"),
+        ("memory_bank", "border_padding", 64, "memory_bank.border_padding: expected a multiple of 4"),
         ("export", "method", "mean", "export.method: expected one of"),
     ],
 )

@@ -62,7 +62,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str
     if memory is not None:
         raw["meta"] = {**meta, "memory_bank": {**meta.get("memory_bank", {}), "bank_size": int(memory.bank.shape[0]),
                                                "channels": int(memory.bank.shape[1]),
-                                               "feature_size": memory.feature_size}}
+                                               "feature_size": memory.feature_size, "border_padding": memory.padding}}
         raw["memory_state_dict"] = {k: v.detach().cpu() for k, v in memory.state_dict().items()}
     io.save_torch(path, raw)
 
@@ -108,7 +108,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect
     if "memory_state_dict" in raw:
         shape = meta.get("memory_bank", {})
         try:
-            memory = PatchMemory(int(shape["bank_size"]), int(shape["channels"]), int(shape["feature_size"]))
+            memory = PatchMemory(int(shape["bank_size"]), int(shape["channels"]), int(shape["feature_size"]),
+                                 int(shape.get("border_padding", 0)))  # banks from before the key: no mirroring
             memory.load_state_dict(raw["memory_state_dict"])
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise CheckpointError(f"{path}: memory bank does not fit its recorded shape {shape}: {err}") from err

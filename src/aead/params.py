@@ -149,6 +149,7 @@ class MemoryBankParams:
 
     coreset_ratio: float
     feature_size: int
+    border_padding: int
 
     def check(self, image_size: int) -> None:
         if not 0.0 <= self.coreset_ratio <= 1.0:
@@ -158,6 +159,10 @@ class MemoryBankParams:
         if self.feature_size > image_size:
             raise ParamsError(f"memory_bank.feature_size: expected at most data.image_size ({image_size}), "
                               f"got {self.feature_size}")
+        _at_least("memory_bank.border_padding", self.border_padding, 0)
+        if self.border_padding % 4 or self.border_padding >= image_size:
+            raise ParamsError("memory_bank.border_padding: expected a multiple of 4 (the encoder's deepest level is at a "
+                              f"quarter of the resolution) below data.image_size ({image_size}), got {self.border_padding}")
 
 
 @dataclass(frozen=True)

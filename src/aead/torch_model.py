@@ -13,7 +13,9 @@ autoencoder, on synthetic defects, to tell where input and reconstruction differ
 ``PatchMemory`` is the memory bank of PatchCore (Roth et al., CVPR 2022), built on this project's own encoder
 instead of a pretrained network: patch features of defect-free training images (the three encoder levels,
 each averaged over its 3x3 neighbourhood and brought to one ``feature_size`` grid). A test patch's anomaly is its
-distance to the nearest stored patch.
+distance to the nearest stored patch. The image is mirrored outwards by ``padding`` pixels before the encoder and
+the features are cropped back to the image, so that a patch near the border is described by its mirrored
+surroundings instead of by the convolutions' zero padding.
 """
 
 from __future__ import annotations
@@ -139,13 +141,25 @@ class SegmentationHead(nn.Module):
         return self.head(y)
 
 
-def patch_features(encoder: nn.Module, x: Tensor, feature_size: int) -> Tensor:
+def patch_features(encoder: nn.Module, x: Tensor, feature_size: int, padding: int = 0) -> Tensor:
     """(N, 7c, feature_size, feature_size) patch features of images ``x``: each encoder level averaged over
     its 3x3 neighbourhood (PatchCore's local aggregation), then average-pooled (or bilinearly upsampled) to
-    the ``feature_size`` grid, and concatenated."""
+    the ``feature_size`` grid, and concatenated.
+
+    ``padding`` (a multiple of 4, less than the image side): the image is first extended by that many mirrored
+    pixels on each side, and every level is cropped back to the image before pooling. Without it, the
+    convolutions' zero padding makes patches up to the deepest level's receptive field (about 20 pixels) from
+    the border look unlike the same texture inside the image."""
+    if padding % 4 or padding < 0:
+        raise ValueError(f"patch_features: padding must be a non-negative multiple of 4, got {padding}")
+    if padding:
+        x = nn.functional.pad(x, (padding, padding, padding, padding), mode="reflect")
     out = []
-    for level in encoder.levels(x):
+    for scale, level in enumerate(encoder.levels(x)):
         level = nn.functional.avg_pool2d(level, 3, stride=1, padding=1, count_include_pad=False)
+        if padding:  # the levels are at full, half and quarter resolution
+            c = padding >> scale
+            level = level[..., c : level.shape[-2] - c, c : level.shape[-1] - c]
         if level.shape[-1] >= feature_size:
             level = nn.functional.adaptive_avg_pool2d(level, feature_size)
         else:
@@ -163,9 +177,10 @@ class PatchMemory(nn.Module):
     CHUNK = 512  # query patches per distance matrix (CHUNK x M floats; small chunks stay in cache: 2.9x faster
     # than 4096 for a 5222-patch bank, measured on the development CPU)
 
-    def __init__(self, bank_size: int, channels: int, feature_size: int) -> None:
+    def __init__(self, bank_size: int, channels: int, feature_size: int, padding: int = 0) -> None:
         super().__init__()
         self.feature_size = feature_size
+        self.padding = padding  # mirrored border of patch_features; banks built before it existed have 0
         self.register_buffer("bank", torch.zeros(bank_size, channels))
         self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # knn mean, std; seg mean, std
 
@@ -174,7 +189,7 @@ class PatchMemory(nn.Module):
         bilinearly upsampled to the image. Computed in fp32, also under autocast."""
         n, _, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):  # distances in bf16 would be too coarse
-            f = patch_features(encoder, x.float(), self.feature_size)
+            f = patch_features(encoder, x.float(), self.feature_size, self.padding)
             q = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])
             bank_sq = (self.bank * self.bank).sum(1)[None, :]
             nearest = []

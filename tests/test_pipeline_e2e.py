@@ -167,8 +167,12 @@ def without_timing(obj):
 
 
 def test_repro_force_gives_identical_metrics(project):
+    """A forced rerun of every stage reproduces the metrics of the run committed by the first test (or, when this
+    test runs alone, of a first run made here)."""
     run(["git", "checkout", "-q", "HEAD", "--", "."], project)
-    run(["dvc", "repro", "--force"], project)
+    if (project / "dvc.lock").is_file():  # the committed run: its outputs back in place of the last experiment's
+        run(["dvc", "checkout", "--force"], project)
+    run(["dvc", "repro"], project)  # nothing to run after that checkout; a first run when this test runs alone
     before = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}
     run(["dvc", "repro", "--force"], project)
     after = {p.name: json.loads(p.read_text()) for p in (project / "metrics").glob("*.json")}

@@ -49,6 +49,35 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
             assert 0.0 <= float(b[0]) <= 1.0
 
 
+def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp_path):  # noqa: F811
+    """A bank built with memory_bank.border_padding keeps it in the checkpoint, and the exported file mirrors the
+    border as the PyTorch detector does (the maps differ from those without it)."""
+    import shutil
+
+    from aead.params import load_params
+
+    work, _, root = pipeline
+    params = load_params(work / "params.yaml")
+    models = tmp_path / "models"
+    shutil.copytree(work / "models", models)
+    for path in models.rglob("*.pt"):
+        raw = torch.load(path, weights_only=True)
+        raw["meta"]["memory_bank"]["border_padding"] = 4
+        torch.save(raw, path)
+    index = export_all(params, models, tmp_path / "export", "knn")
+    image = torch.from_numpy(np.asarray(Image.open(real_images(root)[-1]).convert("RGB")).copy())
+    for key, name in index["files"].items():
+        model, category = key.split("/")
+        mirrored = build_detector(params, models, model, category, "knn")
+        plain = build_detector(params, work / "models", model, category, "knn")
+        assert mirrored.memory.padding == 4 and plain.memory.padding == 0
+        scripted = torch.jit.load(str(tmp_path / "export" / name))
+        with torch.no_grad():
+            a, b, c = mirrored(image), scripted(image), plain(image)
+        assert torch.allclose(a[2], b[2], atol=1e-4)
+        assert not torch.allclose(a[2], c[2], atol=1e-3)
+
+
 def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noqa: F811
     from aead.params import load_params
 

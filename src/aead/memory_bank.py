@@ -82,8 +82,8 @@ def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: n
     start = time.perf_counter()
     autoencoder = autoencoder.to(device).eval()
     encoder = autoencoder.encoder
-    feats = torch.cat([patch_features(encoder, x, bank.feature_size, bank.border_padding).permute(0, 2, 3, 1).flatten(0, 2).cpu()
-                       for x in _batches(train_images, batch_size, device)])
+    feats = torch.cat([patch_features(encoder, x, bank.feature_size, bank.border_padding)
+                       .permute(0, 2, 3, 1).flatten(0, 2).cpu() for x in _batches(train_images, batch_size, device)])
     size = max(1, round(bank.coreset_ratio * feats.shape[0]))
     chosen = greedy_coreset(feats, size, seed=params.seed + 5)
     memory = PatchMemory(size, feats.shape[1], bank.feature_size, bank.border_padding)

@@ -161,8 +161,9 @@ class MemoryBankParams:
                               f"got {self.feature_size}")
         _at_least("memory_bank.border_padding", self.border_padding, 0)
         if self.border_padding % 4 or self.border_padding >= image_size:
-            raise ParamsError("memory_bank.border_padding: expected a multiple of 4 (the encoder's deepest level is at a "
-                              f"quarter of the resolution) below data.image_size ({image_size}), got {self.border_padding}")
+            raise ParamsError("memory_bank.border_padding: expected a multiple of 4 (the encoder's deepest level is "
+                              f"at a quarter of the resolution) below data.image_size ({image_size}), "
+                              f"got {self.border_padding}")
 
 
 @dataclass(frozen=True)

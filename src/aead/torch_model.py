@@ -13,9 +13,9 @@ autoencoder, on synthetic defects, to tell where input and reconstruction differ
 ``PatchMemory`` is the memory bank of PatchCore (Roth et al., CVPR 2022), built on this project's own encoder
 instead of a pretrained network: patch features of defect-free training images (the three encoder levels,
 each averaged over its 3x3 neighbourhood and brought to one ``feature_size`` grid). A test patch's anomaly is its
-distance to the nearest stored patch. The image is mirrored outwards by ``padding`` pixels before the encoder and
-the features are cropped back to the image, so that a patch near the border is described by its mirrored
-surroundings instead of by the convolutions' zero padding.
+distance to the nearest stored patch. With a ``padding`` (``memory_bank.border_padding``; 0 by default), the image is
+mirrored outwards by that many pixels before the encoder and the features are cropped back to the image, so that a
+patch near the border is described by its mirrored surroundings instead of by the convolutions' zero padding.
 """
 
 from __future__ import annotations

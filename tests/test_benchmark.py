@@ -22,7 +22,8 @@ def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
 def test_memory_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, "benchmarks/memory.py", "--sizes", "16", "48", "--image-size", "32",
-                    "--out", str(out)], cwd=repo_root, check=True, capture_output=True, text=True)
+                    "--segmentation-steps", "2", "--out", str(out)],
+                   cwd=repo_root, check=True, capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert set(results) == {"16", "48"}
     for r in results.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -36,12 +37,18 @@ def stages(repo_root) -> dict:
     return yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
 
 
+@functools.cache
+def imported_modules(script: str, repo_root: Path) -> frozenset[str]:
+    """The package's source files a fresh interpreter imports when it loads ``script``."""
+    out = subprocess.run([sys.executable, "-c", IMPORTS, script], cwd=repo_root, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return frozenset(str(Path(f).resolve().relative_to(repo_root)) for f in out)
+
+
 @pytest.mark.parametrize("stage", list(STAGE_SCRIPTS))
 def test_code_deps_cover_every_imported_module(stage, stages, repo_root):
     script = STAGE_SCRIPTS[stage]
-    out = subprocess.run([sys.executable, "-c", IMPORTS, script], cwd=repo_root, capture_output=True, text=True,
-                         check=True).stdout.split()
-    imported = {str(Path(f).resolve().relative_to(repo_root)) for f in out}
+    imported = imported_modules(script, repo_root)
     declared = {d for d in stages[stage]["deps"] if d.endswith(".py")}
     assert imported | {script} == declared, f"{stage}: declared deps differ from what it imports"
 

@@ -19,17 +19,30 @@ from aead.params import parse_params
 from aead.prepare import prepare_split
 
 
-@pytest.fixture
-def setup(tmp_path, raw_params, odd_dataset, repo_root):
+def make_setup(work: Path, raw_params: dict, dataset: Path) -> Path:
+    """Params of a 40-epoch run on the small odd data set in ``work``, and its prepared split."""
     raw = copy.deepcopy(raw_params)
-    raw["data"].update(root=str(odd_dataset), categories=["widget"], image_size=48,
-                       prepared_dir=str(tmp_path / "prepared"))
+    raw["data"].update(root=str(dataset), categories=["widget"], image_size=48, prepared_dir=str(work / "prepared"))
     raw["model"].update(epochs=40, patience=40, batch_size=4)
     raw["baseline"]["base_channels"] = 8
     raw["segmentation"].update(steps=150, batch_size=4, base_channels=4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare_split(parse_params(raw).data, log=lambda m: None)
-    return tmp_path, repo_root
+    return work
+
+
+@pytest.fixture
+def setup(tmp_path, raw_params, odd_dataset, repo_root):
+    return make_setup(tmp_path, raw_params, odd_dataset), repo_root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, raw_params_module, odd_dataset_module, repo_root):
+    """One uninterrupted run (tag "whole"), shared by the tests that compare an interrupted run with it; each
+    test trains under its own tag."""
+    work = make_setup(tmp_path_factory.mktemp("resume"), raw_params_module, odd_dataset_module)
+    subprocess.run(train_cmd(work, repo_root, "whole"), check=True, capture_output=True)
+    return work, repo_root
 
 
 def train_cmd(work: Path, repo: Path, tag: str) -> list[str]:
@@ -40,15 +53,14 @@ def train_cmd(work: Path, repo: Path, tag: str) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_killed_training_resumes_to_the_same_result(setup, sig):
-    work, repo = setup
-    subprocess.run(train_cmd(work, repo, "whole"), check=True, capture_output=True)
-
+def test_killed_training_resumes_to_the_same_result(trained, sig):
+    work, repo = trained
+    cut = f"cut-{sig.name}"
     # a shell without job control starts background jobs with SIGINT ignored, and Python keeps it ignored:
     # give the child the default disposition, so that it sees the interrupt as a user's Ctrl-C
-    proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(train_cmd(work, repo, cut), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    state = work / "resume-cut" / "widget.pt"
+    state = work / f"resume-{cut}" / "widget.pt"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if state.is_file():
@@ -62,18 +74,19 @@ def test_killed_training_resumes_to_the_same_result(setup, sig):
     os.kill(proc.pid, sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0
-    for out in ("models-cut", "train-cut.json", "train-cut.csv"):
+    for out in (f"models-{cut}", f"train-{cut}.json", f"train-{cut}.csv"):
         assert not (work / out).exists(), f"{out} written by a killed run"
     if sig != signal.SIGKILL:  # SIGKILL cannot be caught: a temporary file may stay (removed on the next run)
-        assert not list(work.glob("**/.*.tmp")), "temporary files left behind"
+        left = [p for p in work.rglob("*.tmp") if cut in str(p.relative_to(work))]
+        assert not left, f"temporary files left behind: {left}"
 
-    again = subprocess.run(train_cmd(work, repo, "cut"), check=True, capture_output=True, text=True)
+    again = subprocess.run(train_cmd(work, repo, cut), check=True, capture_output=True, text=True)
     assert "resuming after epoch" in again.stdout
-    assert (work / "train-cut.csv").read_text() == (work / "train-whole.csv").read_text()
+    assert (work / f"train-{cut}.csv").read_text() == (work / "train-whole.csv").read_text()
     a = torch.load(work / "models-whole" / "widget.pt", weights_only=True)["state_dict"]
-    b = torch.load(work / "models-cut" / "widget.pt", weights_only=True)["state_dict"]
+    b = torch.load(work / f"models-{cut}" / "widget.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not (work / "resume-cut").exists(), "resume state removed once the stage completed"
+    assert not (work / f"resume-{cut}").exists(), "resume state removed once the stage completed"
 
 
 def test_killed_during_the_segmentation_head_resumes_to_the_same_result(setup):
@@ -101,14 +114,13 @@ def test_killed_during_the_segmentation_head_resumes_to_the_same_result(setup):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-def test_resume_state_of_other_params_is_ignored(setup):
-    work, repo = setup
-    subprocess.run(train_cmd(work, repo, "a"), check=True, capture_output=True)
+def test_resume_state_of_other_params_is_ignored(trained):
+    work, repo = trained
     (work / "resume-b").mkdir()
     raw = yaml.safe_load((work / "params.yaml").read_text())
     stale = {"fingerprint": "other", "epoch": 5}
     torch.save(stale, work / "resume-b" / "widget.pt")
     out = subprocess.run(train_cmd(work, repo, "b"), check=True, capture_output=True, text=True).stdout
     assert "from other params or data; starting over" in out
-    assert (work / "train-b.csv").read_text() == (work / "train-a.csv").read_text()
+    assert (work / "train-b.csv").read_text() == (work / "train-whole.csv").read_text()
     assert raw["model"]["epochs"] == 40

@@ -173,6 +173,10 @@ def test_repro_force_gives_identical_metrics(project):
 
 def test_queued_experiments_run_concurrently(project):
     run(["git", "checkout", "-q", "HEAD", "--", "."], project)
+    if not (project / "dvc.lock").is_file():  # run alone: commit a first run, as the first test does
+        run(["dvc", "repro"], project)
+        run(["git", "add", "-A"], project)
+        run(["git", "commit", "-qm", "default run"], project)
     # a two-point sweep of an evaluation param: the models come from the cache, only the evaluations run
     run(["dvc", "exp", "run", "--queue", "-S", "evaluate.smooth_sigma=0.5,2.0"], project)
     # the workers `dvc queue start` leaves behind inherit its stdout and stderr: captured, the call would wait for
@@ -186,6 +190,11 @@ def test_queued_experiments_run_concurrently(project):
             break
         time.sleep(2)
     assert "Failed" not in status, status
+    names = [line.split()[1] for line in status.splitlines() if line.split()[-1:] == ["Success"]]
+    assert len(names) == 2, status
+    for name in names:
+        log = run(["dvc", "queue", "logs", name], project)
+        assert "Running stage 'evaluate-l1'" in log and "Running stage 'train-baseline'" not in log, log
     proc = subprocess.run(["dvc", "exp", "show", "--json"], cwd=project, capture_output=True, text=True, check=True)
     shown = json.loads(proc.stdout)
     sigmas = set()

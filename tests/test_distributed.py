@@ -126,28 +126,33 @@ from aead.training import train_autoencoder
 images = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
 ctx = init_distributed(torch.device("cpu"))
 histories = {}
-for corruption in sys.argv[2:]:
+for run in sys.argv[2:]:
+    corruption, augment = run.split("+") if "+" in run else (run, "")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 3, 3, padding=1))
     params = ModelParams(per_category=True, epochs=3, batch_size=6, lr=1e-2, weight_decay=0.0, patience=5,
                          lr_factor=0.5, lr_patience=2, grad_clip=0.5, corruption=corruption,
                          corruption_probability=1.0, ssim_weight=1.0, seed=0, device="cpu", precision="fp32",
-                         num_threads=1, launcher="python")
+                         num_threads=1, launcher="python", flip_rotate=())
     result = train_autoencoder(model, images, images[:5], params, torch.device("cpu"), log=lambda m: None,
-                               dist_ctx=ctx)
-    histories[corruption] = result.history
+                               dist_ctx=ctx, augment=augment == "flip_rotate")
+    histories[run] = result.history
 if ctx.is_main:
     json.dump(histories, open(sys.argv[1], "w"))
 shutdown(ctx)
 """
 
 
+RUNS = ("none", "perlin", "none+flip_rotate", "perlin+flip_rotate")  # corruption, and the augmentation
+
+
 def test_without_batchnorm_two_processes_follow_one_exactly(tmp_path):
     """With a BatchNorm-free model the only difference left is float summation order: the loss weighting
     makes the averaged gradient that of the global batch even when the parts differ in size (11 images,
     global batch 6: parts of 3 and 3, then 3 and 2). Without corruption and with it (each process then
-    corrupts the whole batch and trains on its part)."""
+    corrupts the whole batch and trains on its part), each also with the images flipped and turned
+    (model.flip_rotate), whose draws must stay in step across processes too."""
     script = tmp_path / "exact.py"
     script.write_text(EXACT_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -156,17 +161,18 @@ def test_without_batchnorm_two_processes_follow_one_exactly(tmp_path):
         out = tmp_path / f"history-{processes}.json"
         launcher = [sys.executable] if processes == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-        done = subprocess.run(launcher + [str(script), str(out), "none", "perlin"], capture_output=True, text=True,
-                              env=env, timeout=300)
+        done = subprocess.run(launcher + [str(script), str(out), *RUNS], capture_output=True, text=True, env=env,
+                              timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
         runs[processes] = json.loads(out.read_text())
-    for corruption in ("none", "perlin"):
-        one, two = runs[1][corruption], runs[2][corruption]
+    for run in RUNS:
+        one, two = runs[1][run], runs[2][run]
         assert len(one) == len(two) == 3
         for a, b in zip(one, two):
-            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), corruption
-            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5), corruption
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5), run
+            assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5), run
     assert runs[1]["none"] != runs[1]["perlin"], "the corruption setting reached the training"
+    assert runs[1]["none"] != runs[1]["none+flip_rotate"], "the augmentation reached the training"
 
 
 def test_killed_distributed_training_resumes_to_the_same_result(project):

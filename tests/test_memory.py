@@ -17,7 +17,7 @@ from aead.torch_model import PatchMemory, build_model, patch_features
 
 PARAMS = ModelParams(per_category=True, epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, patience=1, lr_factor=0.5,
                      lr_patience=1, grad_clip=1.0, corruption="none", corruption_probability=0.0, ssim_weight=0.0,
-                     seed=0, device="cpu", precision="fp32", num_threads=0, launcher="python")
+                     seed=0, device="cpu", precision="fp32", num_threads=0, launcher="python", flip_rotate=())
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:

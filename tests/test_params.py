@@ -47,6 +47,9 @@ def test_committed_params_are_valid(repo_root):
         ("memory_bank", "border_padding", 6, "memory_bank.border_padding: expected a multiple of 4"),
         ("memory_bank", "border_padding", 64, "memory_bank.border_padding: expected a multiple of 4"),
         ("export", "method", "mean", "export.method: expected one of"),
+        ("model", "flip_rotate", "hazelnut", "model.flip_rotate: expected a list"),
+        ("model", "flip_rotate", ["hazelnut", "hazelnut"], "model.flip_rotate: category listed more than once"),
+        ("model", "flip_rotate", ["screw"], "model.flip_rotate: 'screw' not in data.categories"),
     ],
 )
 def test_bad_values_name_the_key(raw_params, section, key, value, message):
@@ -54,6 +57,16 @@ def test_bad_values_name_the_key(raw_params, section, key, value, message):
     bad[section][key] = value
     with pytest.raises(ParamsError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_params(bad)
+
+
+def test_flip_rotate_of_a_joint_model_lists_every_category_or_none(raw_params):
+    raw = copy.deepcopy(raw_params)
+    raw["model"].update(per_category=False, flip_rotate=["hazelnut"])
+    with pytest.raises(ParamsError, match="model.flip_rotate: with model.per_category false"):
+        parse_params(raw)
+    for listed in ([], list(raw["data"]["categories"])):
+        raw["model"]["flip_rotate"] = listed
+        assert parse_params(raw).model.flip_rotate == tuple(listed)
 
 
 def test_missing_key_and_unknown_section(raw_params):

@@ -19,11 +19,11 @@ from aead.params import parse_params
 from aead.prepare import prepare_split
 
 
-def make_setup(work: Path, raw_params: dict, dataset: Path) -> Path:
+def make_setup(work: Path, raw_params: dict, dataset: Path, flip_rotate: bool = False) -> Path:
     """Params of a 40-epoch run on the small odd data set in ``work``, and its prepared split."""
     raw = copy.deepcopy(raw_params)
     raw["data"].update(root=str(dataset), categories=["widget"], image_size=48, prepared_dir=str(work / "prepared"))
-    raw["model"].update(epochs=40, patience=40, batch_size=4)
+    raw["model"].update(epochs=40, patience=40, batch_size=4, flip_rotate=["widget"] if flip_rotate else [])
     raw["baseline"]["base_channels"] = 8
     raw["segmentation"].update(steps=150, batch_size=4, base_channels=4)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -39,8 +39,9 @@ def setup(tmp_path, raw_params, odd_dataset, repo_root):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, raw_params_module, odd_dataset_module, repo_root):
     """One uninterrupted run (tag "whole"), shared by the tests that compare an interrupted run with it; each
-    test trains under its own tag."""
-    work = make_setup(tmp_path_factory.mktemp("resume"), raw_params_module, odd_dataset_module)
+    test trains under its own tag. Its images are flipped and turned (model.flip_rotate), so a resumed run
+    must also restore that random stream; the head test below runs without."""
+    work = make_setup(tmp_path_factory.mktemp("resume"), raw_params_module, odd_dataset_module, flip_rotate=True)
     subprocess.run(train_cmd(work, repo_root, "whole"), check=True, capture_output=True)
     return work, repo_root
 

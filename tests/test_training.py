@@ -11,12 +11,12 @@ from aead.checkpoint import load_checkpoint, save_checkpoint
 from aead.errors import CheckpointError, TrainingError
 from aead.params import ModelParams, SegmentationParams
 from aead.torch_model import build_model
-from aead.training import focal_loss, train_autoencoder, train_segmentation_head
+from aead.training import flip_rotate, focal_loss, train_autoencoder, train_segmentation_head
 
 PARAMS = ModelParams(per_category=True, epochs=3, batch_size=4, lr=1e-2, weight_decay=0.0, patience=5,
                      lr_factor=0.5, lr_patience=1, grad_clip=1.0,
                      corruption="perlin", corruption_probability=0.75, ssim_weight=1.0, seed=0, device="cpu",
-                     precision="fp32", num_threads=0, launcher="python")
+                     precision="fp32", num_threads=0, launcher="python", flip_rotate=())
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -35,6 +35,38 @@ def test_training_lowers_the_loss_and_is_deterministic():
     for k in a.state_dict:
         assert torch.equal(a.state_dict[k], b.state_dict[k])
     assert a.best_val_loss == min(h["val_loss"] for h in a.history)
+
+
+def test_flip_rotate_gives_the_eight_symmetries_of_a_square():
+    x = torch.rand(8, 3, 5, 5)
+    x[:] = x[0]  # the same asymmetric image eight times
+    out = flip_rotate(x, torch.arange(8))
+    for code in range(8):
+        ref = x[code].numpy()
+        if code & 4:
+            ref = np.flip(ref, axis=-1)
+        assert np.array_equal(out[code].numpy(), np.rot90(ref, code & 3, axes=(-2, -1)))
+    assert torch.equal(out[0], x[0])
+    assert len({out[i].numpy().tobytes() for i in range(8)}) == 8
+    assert torch.equal(flip_rotate(x, torch.zeros(8, dtype=torch.long)), x)
+    with pytest.raises(ValueError, match="square"):
+        flip_rotate(torch.rand(2, 3, 4, 6), torch.arange(2))
+    with pytest.raises(ValueError, match="one code per image"):
+        flip_rotate(x, torch.arange(3))
+
+
+def test_augmented_training_is_deterministic_and_differs_from_plain_training():
+    def train(augment: bool):
+        return train_autoencoder(build_model("baseline", 4, seed=0), images(9), images(3, seed=1), PARAMS,
+                                 torch.device("cpu"), log=lambda m: None, tag="t", augment=augment)
+
+    a, b, plain = train(True), train(True), train(False)
+    assert a.history == b.history
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert [h["train_loss"] for h in a.history] != [h["train_loss"] for h in plain.history]
+    heads = [train_segmentation_head(build_model("baseline", 4, seed=0), images(9), SEG, PARAMS, torch.device("cpu"),
+                                     log=lambda m: None, augment=aug) for aug in (True, True, False)]
+    assert heads[0].final_loss == heads[1].final_loss != heads[2].final_loss
 
 
 def test_early_stopping_stops():

@@ -83,6 +83,7 @@ class ModelParams:
     precision: Literal["auto", "fp32", "bf16"]
     num_threads: int
     launcher: str
+    flip_rotate: tuple[str, ...]
 
     def check(self) -> None:
         _at_least("model.epochs", self.epochs, 1)
@@ -246,6 +247,7 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
     params.synthetic.check()
     params.data.check()
     params.model.check()
+    _check_flip_rotate(params.model, params.data)
     params.baseline.check("baseline")
     params.multiscale.check("multiscale")
     params.segmentation.check()
@@ -256,6 +258,21 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
         raise ParamsError(f"{source}: export.method is '{params.export.method}' but {missing}; choose another "
                           "export.method or train what it needs")
     return params
+
+
+def _check_flip_rotate(model: ModelParams, data: DataParams) -> None:
+    """``model.flip_rotate`` names categories of ``data.categories`` once each; a joint model is augmented as a
+    whole, so it lists all of them or none."""
+    dupes = sorted({c for c in model.flip_rotate if model.flip_rotate.count(c) > 1})
+    if dupes:
+        raise ParamsError(f"model.flip_rotate: category listed more than once: {', '.join(dupes)}")
+    unknown = [c for c in model.flip_rotate if c not in data.categories]
+    if unknown:
+        raise ParamsError(f"model.flip_rotate: {', '.join(map(repr, unknown))} not in data.categories "
+                          f"({', '.join(data.categories)})")
+    if not model.per_category and model.flip_rotate and set(model.flip_rotate) != set(data.categories):
+        raise ParamsError("model.flip_rotate: with model.per_category false one model learns every category, so "
+                          "list all of data.categories or none")
 
 
 def missing_components(params: Params, method: str) -> str | None:

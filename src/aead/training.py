@@ -124,6 +124,23 @@ def autocast_for(device: torch.device, precision: str = "auto") -> tuple[Any, to
     return nullcontext(), None
 
 
+def flip_rotate(x: Tensor, codes: Tensor) -> Tensor:
+    """Each square image of the NCHW batch ``x`` mirrored left-right if bit 2 of its code (0-7) is set, then
+    turned by (code mod 4) quarter turns: the 8 symmetries of a square, code 0 leaving the image as it is."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"flip_rotate: expected square images, got {tuple(x.shape[-2:])}")
+    if codes.shape != (x.shape[0],):
+        raise ValueError(f"flip_rotate: expected one code per image ({x.shape[0]}), got shape {tuple(codes.shape)}")
+    out = x.clone()
+    for code in codes.unique().tolist():
+        rows = (codes == code).nonzero()[:, 0].to(x.device)
+        part = x[rows]
+        if code & 4:
+            part = torch.flip(part, dims=(-1,))
+        out[rows] = torch.rot90(part, code & 3, dims=(-2, -1))
+    return out
+
+
 def train_autoencoder(
     model: nn.Module,
     train_images: np.ndarray,
@@ -135,8 +152,12 @@ def train_autoencoder(
     resume: Path | None = None,
     fingerprint: str = "",
     dist_ctx: DistContext = SINGLE,
+    augment: bool = False,
 ) -> TrainResult:
     """Train ``model`` to reconstruct ``train_images``; stop early on the validation loss.
+
+    ``augment``: every training image is randomly flipped and turned (:func:`flip_rotate`) each time it is
+    drawn; the validation images never are.
 
     ``train_images`` and ``val_images`` are (N, H, W, 3) uint8 arrays (memory maps are read batch by batch).
     Returns the weights of the epoch with the lowest validation loss. A NaN or infinite loss stops with
@@ -171,6 +192,7 @@ def train_autoencoder(
     )
     autocast, scaler = autocast_for(device, params.precision)
     corrupt_gen = torch.Generator().manual_seed(params.seed + 1)
+    augment_gen = torch.Generator().manual_seed(params.seed + 8)
     n = len(train_x)
     batch_size = min(params.batch_size, n)
     if not dist_ctx.is_main:
@@ -190,6 +212,7 @@ def train_autoencoder(
             scaler.load_state_dict(saved["scaler"])
         gen.set_state(saved["gen"])
         corrupt_gen.set_state(saved["corrupt_gen"])
+        augment_gen.set_state(saved["augment_gen"])
         state = {k: saved[k] for k in state}
     start = time.perf_counter() - state["seconds"]
     epoch = state["epoch"]
@@ -205,12 +228,14 @@ def train_autoencoder(
             e = min(s + batch_size, n)
             lo, hi = shard(0, e - s, dist_ctx)
             if params.corruption == "none":  # this process needs only its own rows
-                rows, part = order[s + lo : s + hi], slice(None)
+                rows, part, mine = order[s + lo : s + hi], slice(None), slice(lo, hi)
             else:  # every process corrupts the whole batch, so the corruption draws stay in step
-                rows, part = order[s:e], slice(lo, hi)
+                rows, part, mine = order[s:e], slice(lo, hi), slice(None)
             weight = (hi - lo) * world / (e - s)
-            loss = train_step(net, optimizer, train_x.batch(rows), params, corrupt_gen, autocast, scaler,
-                              part=part, loss_weight=weight)
+            x = train_x.batch(rows)
+            if augment:  # every process draws the codes of the whole batch, so the draws stay in step
+                x = flip_rotate(x, torch.randint(0, 8, (e - s,), generator=augment_gen)[mine])
+            loss = train_step(net, optimizer, x, params, corrupt_gen, autocast, scaler, part=part, loss_weight=weight)
             total += loss * (hi - lo)
             state["seen"] += e - s
         train_loss = float(all_reduce_sum(total, dist_ctx)) / max(trained, 1)
@@ -248,6 +273,7 @@ def train_autoencoder(
                 **state, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                 "gen": gen.get_state(), "corrupt_gen": corrupt_gen.get_state(),
+                "augment_gen": augment_gen.get_state(),
             })
     seconds = state["seconds"]
     return TrainResult(
@@ -284,12 +310,14 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = FOCAL_GAMMA) -> Te
 
 
 def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, seg: SegmentationParams,
-                            params: ModelParams, device: torch.device, log: Log = print, tag: str = "") -> HeadResult:
+                            params: ModelParams, device: torch.device, log: Log = print, tag: str = "",
+                            augment: bool = False) -> HeadResult:
     """Train a :class:`~aead.torch_model.SegmentationHead` for ``seg.steps`` Adam steps (learning rate
     ``seg.lr`` decayed to 0 along a cosine) on top of the frozen
     ``autoencoder``: each batch of training images is corrupted (``seg.corruption``, a share
     ``seg.corruption_probability`` of the images), reconstructed, and the head learns the corruption mask from
-    image + reconstruction with the focal loss. Deterministic given ``params.seed``."""
+    image + reconstruction with the focal loss. ``augment``: the clean images are first randomly flipped and
+    turned (:func:`flip_rotate`). Deterministic given ``params.seed``."""
     autoencoder = autoencoder.to(device).to(memory_format=torch.channels_last).eval()
     for p in autoencoder.parameters():
         p.requires_grad_(False)
@@ -298,6 +326,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=seg.steps)
     autocast, scaler = autocast_for(device, params.precision)
     gen = torch.Generator().manual_seed(params.seed + 4)
+    augment_gen = torch.Generator().manual_seed(params.seed + 9)
     source = ImageSource(train_images, device)
     n = len(source)
     batch_size = min(seg.batch_size, n)
@@ -313,6 +342,8 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
             if step == seg.steps:
                 break
             clean = source.batch(order[s : s + batch_size])
+            if augment:
+                clean = flip_rotate(clean, torch.randint(0, 8, (len(clean),), generator=augment_gen))
             x, mask = corrupt_batch(clean, seg.corruption, gen, seg.corruption_probability)
             x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -505,10 +536,13 @@ def train_and_save(
                 "manifest_sha256": digests,
             }
             fingerprint = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+            augment = all(c in params.model.flip_rotate for c in cats)
+            if augment:
+                log(f"[{model_name}/{label}] training images randomly flipped and turned (model.flip_rotate)")
             result = train_autoencoder(model, train.images, val.images, params.model, device,
                                        log, tag=f"{model_name}/{label}",
                                        resume=resume_dir / f"{label}.pt" if resume_dir else None,
-                                       fingerprint=fingerprint, dist_ctx=dist_ctx)
+                                       fingerprint=fingerprint, dist_ctx=dist_ctx, augment=augment)
             meta = {
                 **recipe,
                 "best_val_loss": result.best_val_loss,
@@ -520,7 +554,7 @@ def train_and_save(
                 trained_ae = build_model(model_name, arch.base_channels)
                 trained_ae.load_state_dict(result.state_dict)
                 head = train_segmentation_head(trained_ae, train.images, params.segmentation, params.model, device,
-                                               log, tag=f"{model_name}/{label}")
+                                               log, tag=f"{model_name}/{label}", augment=augment)
                 meta["segmentation"] = {**dataclasses.asdict(params.segmentation), "final_loss": head.final_loss}
             bank: MemoryResult | None = None
             if params.memory_bank.coreset_ratio > 0 and dist_ctx.is_main:

@@ -263,9 +263,7 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
 def _check_flip_rotate(model: ModelParams, data: DataParams) -> None:
     """``model.flip_rotate`` names categories of ``data.categories`` once each; a joint model is augmented as a
     whole, so it lists all of them or none."""
-    dupes = sorted({c for c in model.flip_rotate if model.flip_rotate.count(c) > 1})
-    if dupes:
-        raise ParamsError(f"model.flip_rotate: category listed more than once: {', '.join(dupes)}")
+    _unique("model.flip_rotate", model.flip_rotate)
     unknown = [c for c in model.flip_rotate if c not in data.categories]
     if unknown:
         raise ParamsError(f"model.flip_rotate: {', '.join(map(repr, unknown))} not in data.categories "
@@ -353,6 +351,10 @@ def _at_least(key: str, value: int, minimum: int) -> None:
 def _non_empty_unique(key: str, values: tuple[str, ...]) -> None:
     if not values:
         raise ParamsError(f"{key}: expected a non-empty list of category names")
+    _unique(key, values)
+
+
+def _unique(key: str, values: tuple[str, ...]) -> None:
     dupes = sorted({v for v in values if values.count(v) > 1})
     if dupes:
         raise ParamsError(f"{key}: category listed more than once: {', '.join(dupes)}")

@@ -74,6 +74,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(project
     assert (work / "models-two" / "bottle.pt").is_file()
     assert not (work / "resume-two").exists(), "resume state removed once the outputs are written"
     assert two["log"].count("epoch 1/3") == 1, "only the main process logs"
+    assert two["log"].count("training baseline on") == 1, "the stage's own lines too"
     head = two["metrics"]["categories"]["bottle"]["segmentation"]
     assert head["steps"] == 10 and two["log"].count("segmentation head step 10/10") == 1, "one process trains it"
     assert "head_state_dict" in torch.load(work / "models-two" / "bottle.pt", weights_only=True)

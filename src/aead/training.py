@@ -498,10 +498,12 @@ def train_and_save(
     once the stage's outputs are written. Returns the metrics (per category: best validation loss, epochs,
     parameters, seconds, images/s) and the loss-curve rows for the plots CSV.
 
-    Under torchrun every process trains (``dist_ctx``), only the main one writes ``models_dir``.
+    Under torchrun every process trains (``dist_ctx``), only the main one writes ``models_dir`` and logs.
     """
     configure_threads(params.model.num_threads)
     device = process_device(select_device(params.model.device), dist_ctx)
+    if not dist_ctx.is_main:
+        log = _quiet
     prepared = Path(params.data.prepared_dir)
     train_split = read_split(prepared, "train")
     val_split = read_split(prepared, "val")

@@ -5,8 +5,8 @@
 ``seg``: the defect probability of the checkpoint's segmentation head (DRAEM-style), Gaussian-smoothed.
 ``knn``: the distance of each patch's encoder features to the nearest defect-free patch in the checkpoint's memory
 bank (PatchCore-style), upsampled and Gaussian-smoothed.
-``fused``: the ``seg`` and ``knn`` maps, each standardised with its validation statistics (stored with the memory
-bank), summed and Gaussian-smoothed.
+``fused``: the ``seg`` and ``knn`` maps, each put on one scale with its validation statistics (mean and peak scale,
+stored with the memory bank), summed and Gaussian-smoothed.
 Only the test manifest from prepare-split and the checkpoints are used; nothing is trained here.
 """
 
@@ -68,7 +68,7 @@ def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, 
                  encoder: nn.Module | None = None) -> Tensor:
     """(N, H, W) anomaly map of a batch: smoothed L1 error, smoothed 1 - SSIM, the smoothed defect probability
     of the segmentation ``head`` (``seg``), the smoothed nearest-patch distance to the ``memory`` bank of
-    ``encoder`` features (``knn``), or both standardised and summed (``fused``)."""
+    ``encoder`` features (``knn``), or both put on one scale and summed (``fused``)."""
     if method == "l1":
         return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
     if method == "ssim":
@@ -78,7 +78,7 @@ def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, 
     if method in BANK_METHODS and (memory is None or encoder is None):
         raise ValueError(f"method '{method}' needs the checkpoint's memory bank and encoder")
     seg = torch.sigmoid(head(x, recon).float())[:, 0] if method in HEAD_METHODS else None  # in autocast if set
-    with torch.autocast(x.device.type, enabled=False):  # standardising and smoothing in bf16 would lose digits
+    with torch.autocast(x.device.type, enabled=False):  # scaling and smoothing in bf16 would lose digits
         if method == "seg":
             raw = seg
         elif method == "knn":

@@ -6,8 +6,12 @@ that it covers the training patches with a share ``memory_bank.coreset_ratio`` o
 measured on a seeded random projection to :data:`PROJECTION_DIM` dimensions, as PatchCore does, which makes the
 selection several times faster at nearly the same coverage.
 
-The fusion statistics (mean and standard deviation over validation pixels of the distance map and of the head's
-probability map) are measured on the validation images, never on test images.
+The fusion statistics are measured on the validation images, never on test images: for the distance map and for
+the head's probability map, the mean over validation pixels and the *peak scale*, how far above that mean a
+defect-free image's highest pixel lies (the mean over validation images of the per-image maximum, minus the pixel
+mean). Dividing by the peak scale puts the two maps' peaks on one scale, where the image score (the maximum of the
+map) is read. A standard deviation over all pixels would not: the head's map is near 0 almost everywhere, so its
+small standard deviation let its rare peaks outweigh the distance map.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from aead.params import MemoryBankParams, ModelParams
 from aead.torch_model import PatchMemory, patch_features
 
 PROJECTION_DIM = 32
-STD_FLOOR = 1e-6  # a constant map (std 0) must not divide by zero
+SCALE_FLOOR = 1e-6  # a constant map (peak scale 0) must not divide by zero
 Log = Callable[[str], None]
 
 
@@ -63,6 +67,14 @@ def greedy_coreset(features: Tensor, size: int, seed: int) -> Tensor:
     return chosen
 
 
+def mean_and_peak_scale(maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Of (N, P) per-image maps of defect-free images: the mean over all pixels, and the peak scale, the mean over
+    images of the per-image maximum minus that mean (at least :data:`SCALE_FLOOR`), in float64."""
+    m = maps.double()
+    mean = m.mean()
+    return mean, (m.max(dim=1).values.mean() - mean).clamp_min(SCALE_FLOOR)
+
+
 def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
     """Float NCHW batches of uint8 NHWC ``images``, one at a time (the images may be memory-mapped)."""
     for s in range(0, len(images), batch_size):
@@ -95,16 +107,14 @@ def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: n
         head = head.to(device).eval()
     distances, probabilities = [], []
     for x in _batches(val_images, batch_size, device):
-        distances.append(memory.distance_map(encoder, x).flatten().cpu())
+        distances.append(memory.distance_map(encoder, x).flatten(1).cpu())
         if head is not None:
             with autocast:
                 recon = autoencoder(x).float()
-                probabilities.append(torch.sigmoid(head(x, recon).float()).flatten().cpu())
-    d = torch.cat(distances).double()
-    stats = [d.mean(), d.std().clamp_min(STD_FLOOR)]
+                probabilities.append(torch.sigmoid(head(x, recon).float()).flatten(1).cpu())
+    stats = list(mean_and_peak_scale(torch.cat(distances)))
     if probabilities:
-        p = torch.cat(probabilities).double()
-        stats += [p.mean(), p.std().clamp_min(STD_FLOOR)]
+        stats += list(mean_and_peak_scale(torch.cat(probabilities)))
     else:
         stats += [torch.tensor(0.0), torch.tensor(1.0)]
     memory.fusion.copy_(torch.stack(stats).float())

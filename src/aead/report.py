@@ -37,7 +37,7 @@ def _write_panels(panels: HeatmapPanels, folder: Path, results: dict[str, dict[s
             if not res.recon:
                 continue
             images = test.select([cat]).images
-            vmin = min(0.0, float(res.maps.min()))  # fused maps are standardised: they go below 0
+            vmin = min(0.0, float(res.maps.min()))  # fused maps are centred on the validation mean: they go below 0
             vmax = float(np.quantile(res.maps, 0.999))
             vmax = vmax if vmax > vmin else vmin + 1.0
             for i, recon in sorted(res.recon.items()):

@@ -171,8 +171,9 @@ def patch_features(encoder: nn.Module, x: Tensor, feature_size: int, padding: in
 
 class PatchMemory(nn.Module):
     """Defect-free patch features (``bank``, (M, C)) and the validation statistics that put its distance map
-    and the segmentation head's probability map on one scale (``fusion``: their means and standard deviations
-    over validation pixels)."""
+    and the segmentation head's probability map on one scale (``fusion``: for each map its mean over validation
+    pixels and its peak scale, see :func:`aead.memory_bank.build_memory`; banks built before the peak scale
+    existed hold the standard deviation over validation pixels there)."""
 
     CHUNK = 512  # query patches per distance matrix (CHUNK x M floats; small chunks stay in cache: 2.9x faster
     # than 4096 for a 5222-patch bank, measured on the development CPU)
@@ -182,7 +183,7 @@ class PatchMemory(nn.Module):
         self.feature_size = feature_size
         self.padding = padding  # mirrored border of patch_features; banks built before it existed have 0
         self.register_buffer("bank", torch.zeros(bank_size, channels))
-        self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # knn mean, std; seg mean, std
+        self.register_buffer("fusion", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # knn mean, scale; seg mean, scale
 
     def distance_map(self, encoder: nn.Module, x: Tensor) -> Tensor:
         """(N, H, W): for each patch of ``x``, the Euclidean distance to its nearest neighbour in the bank,
@@ -203,9 +204,9 @@ class PatchMemory(nn.Module):
             return nn.functional.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
     def fuse(self, seg_probability: Tensor, distance: Tensor) -> Tensor:
-        """The two maps standardised with the validation statistics and summed."""
-        k_mean, k_std, s_mean, s_std = self.fusion[0], self.fusion[1], self.fusion[2], self.fusion[3]
-        return (distance - k_mean) / k_std + (seg_probability - s_mean) / s_std
+        """The two maps, each minus its validation mean and divided by its peak scale, summed."""
+        k_mean, k_scale, s_mean, s_scale = self.fusion[0], self.fusion[1], self.fusion[2], self.fusion[3]
+        return (distance - k_mean) / k_scale + (seg_probability - s_mean) / s_scale
 
 
 def _initialised(cls: type[M], base_channels: int, seed: int | None) -> M:

@@ -11,7 +11,7 @@ import torch
 
 from aead.checkpoint import load_checkpoint, save_checkpoint
 from aead.errors import CheckpointError
-from aead.memory_bank import build_memory, greedy_coreset
+from aead.memory_bank import SCALE_FLOOR, build_memory, greedy_coreset, mean_and_peak_scale
 from aead.params import MemoryBankParams, ModelParams
 from aead.torch_model import PatchMemory, build_model, patch_features
 
@@ -100,6 +100,14 @@ def test_greedy_coreset_covers_separated_clusters_and_is_deterministic():
     assert torch.equal(greedy_coreset(points, 90, seed=0), torch.arange(90))
     with pytest.raises(ValueError, match="between 1 and 90"):
         greedy_coreset(points, 0, seed=0)
+
+
+def test_peak_scale_is_the_mean_image_maximum_above_the_pixel_mean():
+    maps = torch.tensor([[0.0, 1.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0]])  # pixel mean 1, image maxima 3 and 1
+    mean, scale = mean_and_peak_scale(maps)
+    assert mean.dtype == torch.float64 and (float(mean), float(scale)) == (1.0, 1.0)
+    _, flat = mean_and_peak_scale(torch.full((3, 5), 0.25))
+    assert float(flat) == SCALE_FLOOR, "a constant map does not divide by zero"
 
 
 def test_build_memory_keeps_the_ratio_and_measures_fusion_statistics_on_validation_images():

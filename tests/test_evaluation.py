@@ -99,7 +99,8 @@ def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
     assert not np.array_equal(both["seg"].maps, both["ssim"].maps)
     assert ((both["seg"].maps >= 0) & (both["seg"].maps <= 1)).all()  # smoothed probabilities
     assert (both["knn"].maps >= 0).all() and both["knn"].maps.max() > 0  # smoothed distances
-    # smoothing is linear and keeps constants, so the fused map is the smoothed maps standardised and summed
+    # smoothing is linear and keeps constants, so the fused map is the smoothed maps, each minus its validation mean
+    # and divided by its peak scale, summed
     k_mean, k_scale, s_mean, s_scale = ck.memory.fusion.tolist()
     expected = (both["knn"].maps - k_mean) / k_scale + (both["seg"].maps - s_mean) / s_scale
     np.testing.assert_allclose(both["fused"].maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -1,9 +1,9 @@
-"""How far the exported TorchScript detectors' scores are from the pipeline's (``aead predict``) on the test
-images of the data set in params.yaml, after ``dvc repro``.
+"""How far the exported detectors' scores are from the pipeline's (``aead predict``) on the test images of the
+data set in params.yaml, after ``dvc repro``.
 
 The exported graph computes in fp32; ``aead predict`` and the evaluation stages compute in the precision
-``model.precision`` picks (bf16 autocast on CPUs with native bf16). With ``--precision fp32`` both sides
-do the same arithmetic and the differences are float rounding.
+``model.precision`` picks (fp32 on CPUs with ``model.deterministic``, bf16 autocast on GPUs). In fp32 on both sides
+the differences are float rounding.
 
     python benchmarks/export_parity.py                  # as the pipeline runs (model.precision)
     python benchmarks/export_parity.py --precision fp32
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from aead.data import read_image, scan_category
-from aead.params import METHODS, load_params
+from aead.params import METHODS, load_params, models_of
 from aead.predict import predict
 
 
@@ -37,11 +37,11 @@ def main() -> None:
     if args.precision:
         params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision=args.precision))
     print(f"exported (fp32) vs aead predict (model.precision={params.model.precision}), normalised scores:")
-    for model in ("baseline", "multiscale"):
+    for model in models_of(method, params.evaluate):
         for category in params.data.categories:
             _, test = scan_category(Path(params.data.root), category)
             paths = [Path(s.path) for s in test]
-            detector = torch.jit.load(str(args.models_root / "export" / f"{model}-{category}.pt"))
+            detector = torch.export.load(str(args.models_root / "export" / f"{model}-{category}.pt2")).module()
             with torch.no_grad():
                 exported = np.array([float(detector(torch.from_numpy(read_image(p).copy()))[0]) for p in paths])
             with tempfile.TemporaryDirectory() as out:  # predict also writes heatmaps and masks

@@ -11,8 +11,7 @@ category, then runs ``stages/train.py`` for one epoch on it in a subprocess and 
     python benchmarks/memory.py                       # 400 and 4000 images at 128 px (about 2 minutes)
     python benchmarks/memory.py --sizes 40 400 --image-size 32   # seconds
 
-The stage runs with ``params.yaml`` except for one epoch (and ``--segmentation-steps``, if given: the head's
-steps take time, not memory that grows with the data set).
+The stage (the autoencoder's training) runs with ``params.yaml`` except for one epoch.
 """
 
 from __future__ import annotations
@@ -89,7 +88,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[400, 4000], help="training images")
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--segmentation-steps", type=int, help="segmentation head steps (default: params.yaml's)")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args()
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -103,8 +101,6 @@ def main() -> None:
             p["data"].update(root=str(root), categories=["bottle"], image_size=args.image_size,
                              prepared_dir=str(work / "prepared"))
             p["model"].update(epochs=1)
-            if args.segmentation_steps is not None:
-                p["segmentation"]["steps"] = args.segmentation_steps
             work.mkdir()
             params_file = work / "params.yaml"
             params_file.write_text(yaml.safe_dump(p))

@@ -1,5 +1,5 @@
-"""Stage export: one self-contained TorchScript detector per model and category (params: export.method,
-evaluate.*, data.*), runnable with plain `torch.jit.load` on a uint8 (H, W, 3) image."""
+"""Stage export: one self-contained detector per model and category (params: export.method, evaluate.*, data.*),
+in torch.export format: `torch.export.load(path).module()` scores a uint8 (H, W, 3) image with torch alone."""
 
 import argparse
 from pathlib import Path
@@ -16,16 +16,16 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", default="models")
     parser.add_argument("--out", default="models/export")
-    parser.add_argument("--metrics", default="metrics/export.json")
+    parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--plot", default="plots/export.csv")
     args = parser.parse_args()
     params = load_params(args.params)
     index = export_all(params, Path(args.models_root), Path(args.out), args.method or params.export.method)
-    log(f"exported {len(index['files'])} TorchScript detectors to {args.out}")
+    log(f"exported {len(index['files'])} detectors to {args.out}")
     sizes = [{"model_category": k, "bytes": (Path(args.out) / v).stat().st_size} for k, v in index["files"].items()]
     io.write_csv(args.plot, sizes, ["model_category", "bytes"])
-    io.write_json(args.metrics, {"method": index["method"], "detectors": len(sizes),
-                                 "total_bytes": sum(r["bytes"] for r in sizes)})
+    io.write_metrics(args.metrics_dir, "export", None,
+                     {"method": index["method"], "detectors": len(sizes), "total_bytes": sum(r["bytes"] for r in sizes)})
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ from aead.prepare import prepare_split
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", default="metrics/prepare-split.json")
+    parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--plot", default="plots/split-counts.csv")
     args = parser.parse_args()
     metrics, rows = prepare_split(load_params(args.params).data, log=log)
-    io.write_json(args.metrics, metrics)
+    io.write_metrics(args.metrics_dir, "prepare-split", None, metrics)
     io.write_csv(args.plot, rows, ["category", "split", "count"])
 
 

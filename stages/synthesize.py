@@ -11,13 +11,15 @@ from aead.synthetic import generate_dataset
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", default="metrics/synthesize.json")
+    parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--plot", default="plots/synthesize-counts.csv")
     args = parser.parse_args()
     p = load_params(args.params).synthetic
     counts = generate_dataset(p.root, p.categories, p.image_size, p.n_train, p.n_test_good, p.n_test_defect, p.seed,
                               progress=log)
-    io.write_json(args.metrics, {"image_size": p.image_size, "categories": counts})
+    images = sum(v for per in counts.values() for v in per.values())
+    io.write_metrics(args.metrics_dir, "synthesize", None,
+                     {"image_size": p.image_size, "images": images, "categories": counts})
     rows = [{"category": c, "folder": k, "count": v} for c, per in counts.items() for k, v in per.items()]
     io.write_csv(args.plot, rows, ["category", "folder", "count"])
 

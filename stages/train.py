@@ -1,6 +1,6 @@
-"""Stages train-baseline and train-multiscale: train one autoencoder per category, its segmentation head and
-its memory bank (params: model.*, <model>.*, segmentation.*, memory_bank.*, data.*). Runs as one process, or
-data-parallel under ``torchrun`` (``model.launcher``), where only the main process writes the outputs."""
+"""Stages train-baseline and train-multiscale: train one autoencoder per category (params: model.*, <model>.*,
+data.image_size, data.categories, data.prepared_dir). Runs as one process, or data-parallel under ``torchrun``
+(``model.launcher``), where only the main process writes the outputs."""
 
 import argparse
 from pathlib import Path
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, choices=MODEL_NAMES)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-dir", help="default: models/<model>")
-    parser.add_argument("--metrics", help="default: metrics/train-<model>.json")
+    parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--plot", help="default: plots/train-<model>.csv")
     parser.add_argument("--resume-dir", help="per-epoch training state of an unfinished run (default: "
                         "models/.resume-<model>); removed when the stage completes")
@@ -29,7 +29,8 @@ def main() -> None:
         metrics, rows = train_and_save(params, args.model, Path(args.models_dir or f"models/{args.model}"),
                                        log=log, resume_dir=resume_dir, dist_ctx=ctx)
         if ctx.is_main:
-            io.write_json(args.metrics or f"metrics/train-{args.model}.json", metrics)
+            io.write_metrics(args.metrics_dir, f"train-{args.model}", {"loss": round(metrics["best_val_loss"], 5)},
+                             metrics)
             io.write_csv(args.plot or f"plots/train-{args.model}.csv", rows,
                          ["model", "category", "epoch", "train_loss", "val_loss", "lr"])
             clear_resume(resume_dir)

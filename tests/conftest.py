@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The pipeline's default (model.deterministic: true) pins PyTorch's CPU kernels to AVX2 and MKL to its reproducible
+# AVX2 mode before the first computation of a process; the test process computes before any stage function runs, so
+# it starts pinned (aead.numerics.configure checks this and would refuse).
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 import numpy as np
 import pytest
@@ -70,3 +77,28 @@ def make_odd_dataset(tmp_path: Path) -> Path:
     unmasked[5:9, 5:30] = 10
     save(cat / "test" / "scratch" / "002.png", unmasked)
     return root
+
+
+def train_everything(params, models_root: Path) -> None:
+    """Every trained part of the pipeline, as the training stages make them: both autoencoders, their heads and
+    banks, and the pretrained banks."""
+    from aead.memory_bank import build_banks_and_save, build_pretrained_banks_and_save
+    from aead.training import train_and_save, train_heads_and_save
+
+    quiet = lambda m: None  # noqa: E731
+    for model in ("baseline", "multiscale"):
+        train_and_save(params, model, models_root / model, log=quiet)
+        train_heads_and_save(params, model, models_root, models_root / "heads" / model, log=quiet)
+        build_banks_and_save(params, model, models_root, models_root / "banks" / model, log=quiet)
+    build_pretrained_banks_and_save(params, models_root / "pretrained", log=quiet)
+
+
+def tiny_training(raw: dict) -> dict:
+    """Params that train for a step or two: tiny widths, one epoch, few head steps, small pretrained images."""
+    raw["model"].update(epochs=1, batch_size=4)
+    raw["baseline"]["base_channels"] = 4
+    raw["multiscale"]["base_channels"] = 4
+    raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
+    raw["memory_bank"].update(feature_size=8)
+    raw["pretrained"].update(image_size=32, border_padding=16)
+    return raw

@@ -16,13 +16,21 @@ def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     for key in ("train_baseline_32", "train_multiscale_32", "evaluate_32"):
         assert results[key]["ours_img_s"] > 0 and results[key]["reference_img_s"] > 0
         assert results[key]["ratio"] > 0
-    assert results["evaluate_32"]["ours_two_stages_img_s"] > 0
+    assert results["evaluate_32"]["decode_only_img_s"] > 0
+
+
+def test_determinism_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    out = tmp_path / "determinism.csv"
+    proc = subprocess.run([sys.executable, "benchmarks/determinism.py", "--tiny", "--out", str(out)], cwd=repo_root,
+                          check=True, capture_output=True, text=True)
+    assert "pinned" in proc.stdout and out.read_text().count("\n") == 1 + 3 + 1
+    assert "pinned      " in proc.stdout and proc.stdout.splitlines()[1].endswith("yes"), proc.stdout
 
 
 def test_memory_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     out = tmp_path / "memory.json"
     subprocess.run([sys.executable, "benchmarks/memory.py", "--sizes", "16", "48", "--image-size", "32",
-                    "--segmentation-steps", "2", "--out", str(out)],
+                    "--out", str(out)],
                    cwd=repo_root, check=True, capture_output=True, text=True)
     results = json.loads(out.read_text())
     assert set(results) == {"16", "48"}

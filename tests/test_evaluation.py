@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from aead.checkpoint import load_checkpoint, save_checkpoint
+from conftest import tiny_training, train_everything
+
 from aead.data import read_split
 from aead.errors import CheckpointError
-from aead.evaluation import evaluate, score_split, score_split_methods
-from aead.params import METHODS, parse_params
+from aead.evaluation import TrainedModels, category_inputs, evaluate
+from aead.params import parse_params
 from aead.prepare import prepare_split
-from aead.training import train_and_save
+from aead.scoring import score_inputs
+from aead.training import autocast_for
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,9 @@ def trained(tmp_path_factory, raw_params_module, odd_dataset_module):
     raw = copy.deepcopy(raw_params_module)
     raw["data"].update(root=str(root), categories=["widget", "plain"], image_size=16,
                        prepared_dir=str(work / "prepared"))
-    raw["model"].update(epochs=1, batch_size=4)
-    raw["baseline"]["base_channels"] = 4
-    raw["multiscale"]["base_channels"] = 4
-    raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
-    raw["memory_bank"].update(feature_size=8)
-    params = parse_params(raw)
+    params = parse_params(tiny_training(raw))
     prepare_split(params.data, log=lambda m: None)
-    for model in ("baseline", "multiscale"):
-        train_and_save(params, model, work / "models" / model, log=lambda m: None)
+    train_everything(params, work / "models")
     return params, work
 
 
@@ -84,54 +80,62 @@ def test_missing_checkpoint_is_named(trained, tmp_path):
         evaluate(params, "l1", tmp_path / "models", log=lambda m: None)
 
 
-def test_one_pass_for_both_maps_equals_one_stage_per_map(trained):
-    """``score_split_methods`` runs the model once for L1 and SSIM; each result equals the single-method one."""
+def test_fused_map_is_the_parts_each_put_on_one_scale(trained):
+    """Each part's map minus its validation mean, divided by its peak scale, summed; the statistics come from the
+    validation images and are recorded for the deployed detectors."""
     params, work = trained
-    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
+    device = torch.device("cpu")
+    models = TrainedModels(params, work / "models", device)
     test = read_split(params.data.prepared_dir, "test").select(["widget"])
-    both = score_split_methods(ck, test, METHODS, params, torch.device("cpu"))
-    for method in METHODS:
-        one = score_split(ck, test, method, params, torch.device("cpu"))
-        np.testing.assert_array_equal(both[method].maps, one.maps)
-        for k in one.scores:
-            np.testing.assert_array_equal(both[method].scores[k], one.scores[k])
-    assert not np.array_equal(both["l1"].maps, both["ssim"].maps)
-    assert not np.array_equal(both["seg"].maps, both["ssim"].maps)
-    assert ((both["seg"].maps >= 0) & (both["seg"].maps <= 1)).all()  # smoothed probabilities
-    assert (both["knn"].maps >= 0).all() and both["knn"].maps.max() > 0  # smoothed distances
-    # smoothing is linear and keeps constants, so the fused map is the smoothed maps, each minus its validation mean
-    # and divided by its peak scale, summed
-    k_mean, k_scale, s_mean, s_scale = ck.memory.fusion.tolist()
-    expected = (both["knn"].maps - k_mean) / k_scale + (both["seg"].maps - s_mean) / s_scale
-    np.testing.assert_allclose(both["fused"].maps, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ev = evaluate(params, "fused", work / "models", log=lambda m: None)
+    fusion = ev.fusion["baseline"]["widget"]
+    assert len(fusion) == len(params.evaluate.fused) and all(scale > 0 for _, scale in fusion)
+    autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)  # as the evaluation does
+    expected = 0.0
+    for (mean, scale), part in zip(fusion, params.evaluate.fused):
+        mapper = models.mapper(part, "baseline", "widget")
+        inputs, _ = category_inputs(mapper, test)
+        expected = expected + (score_inputs(mapper, inputs, 8, device, autocast).maps - mean) / scale
+    np.testing.assert_allclose(ev.results["baseline"]["widget"].maps, expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max())
 
 
-def test_seg_scores_need_a_segmentation_head(trained, tmp_path):
-    """A checkpoint trained with segmentation.steps: 0 has no head: evaluating 'seg' names the file."""
+def test_maps_have_the_values_their_kind_promises(trained):
     params, work = trained
-    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
-    assert ck.head is not None and ck.meta["segmentation"]["steps"] == 3
-    (tmp_path / "models" / "baseline").mkdir(parents=True)
-    shutil.copytree(work / "models" / "multiscale", tmp_path / "models" / "multiscale")
-    for cat in ("widget", "plain"):
-        save_checkpoint(tmp_path / "models" / "baseline" / f"{cat}.pt", ck.model.state_dict(),
-                        {k: v for k, v in ck.meta.items() if k != "segmentation"})
-    with pytest.raises(CheckpointError, match=r"baseline/widget\.pt: has no segmentation head"):
+    device = torch.device("cpu")
+    models = TrainedModels(params, work / "models", device)
+    test = read_split(params.data.prepared_dir, "test").select(["widget"])
+    out = {}
+    for method in ("l1", "ssim", "seg", "knn", "pretrained"):
+        model = "pretrained" if method == "pretrained" else "baseline"
+        mapper = models.mapper(method, model, "widget")
+        inputs, _ = category_inputs(mapper, test)
+        out[method] = score_inputs(mapper, inputs, 8, device).maps
+    assert not np.array_equal(out["l1"], out["ssim"])
+    assert ((out["seg"] >= 0) & (out["seg"] <= 1)).all()  # smoothed probabilities
+    assert (out["knn"] >= 0).all() and out["knn"].max() > 0  # smoothed distances
+    assert (out["pretrained"] >= 0).all() and out["pretrained"].max() > 0
+    assert out["l1"].shape[1:] == (16, 16)
+
+
+def test_pretrained_map_keeps_the_aspect_ratio_of_the_category(trained):
+    """The odd data set's training images are a little wider than high (median width/height 1.2): at short side
+    32 the pretrained bank works at 32 x 32 (a multiple of the stride-16 layer), and its maps have that shape."""
+    params, work = trained
+    ev = evaluate(params, "pretrained", work / "models", log=lambda m: None)
+    assert list(ev.metrics) == ["method", "image_score", "pretrained"]
+    maps = ev.results["pretrained"]["widget"].maps
+    masks = ev.results["pretrained"]["widget"].masks
+    assert maps.shape[1:] == masks.shape[1:] and min(maps.shape[1:]) == 32
+
+
+def test_a_missing_head_or_bank_is_named(trained, tmp_path):
+    params, work = trained
+    shutil.copytree(work / "models", tmp_path / "models")
+    (tmp_path / "models" / "heads" / "baseline" / "widget.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"heads/baseline: no checkpoint for category 'widget'"):
         evaluate(params, "seg", tmp_path / "models", log=lambda m: None)
+    (tmp_path / "models" / "pretrained" / "plain.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"pretrained/plain\.pt: pretrained bank not found"):
+        evaluate(params, "pretrained", tmp_path / "models", log=lambda m: None)
     assert evaluate(params, "ssim", tmp_path / "models", log=lambda m: None).metrics["baseline"]["image_auroc"]
-
-
-@pytest.mark.parametrize("method", ["knn", "fused"])
-def test_knn_and_fused_scores_need_a_memory_bank(trained, tmp_path, method):
-    """A checkpoint trained with memory_bank.coreset_ratio: 0 has no bank: evaluating 'knn' or 'fused' names the
-    file and the param."""
-    params, work = trained
-    ck = load_checkpoint(work / "models" / "baseline" / "widget.pt")
-    assert ck.memory is not None and ck.meta["memory_bank"]["coreset_ratio"] == params.memory_bank.coreset_ratio
-    (tmp_path / "models" / "baseline").mkdir(parents=True)
-    shutil.copytree(work / "models" / "multiscale", tmp_path / "models" / "multiscale")
-    for cat in ("widget", "plain"):
-        save_checkpoint(tmp_path / "models" / "baseline" / f"{cat}.pt", ck.model.state_dict(), ck.meta,
-                        head_state_dict=ck.head.state_dict())
-    with pytest.raises(CheckpointError, match=r"baseline/widget\.pt: has no memory bank .*coreset_ratio"):
-        evaluate(params, method, tmp_path / "models", log=lambda m: None)

@@ -1,4 +1,4 @@
-"""The exported TorchScript detector runs without this package's code and matches the PyTorch detector."""
+"""The exported detector (torch.export) runs without this package's code and matches the PyTorch detector."""
 
 from __future__ import annotations
 
@@ -24,22 +24,26 @@ def real_images(root: Path) -> list[Path]:
     return found + sorted((root / "widget" / "test").rglob("*.png"))
 
 
-@pytest.mark.parametrize("method", ["ssim", "seg", "knn", "fused"])
+@pytest.mark.parametrize("method", ["ssim", "seg", "knn", "pretrained", "fused"])
 def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa: F811
     from aead.params import load_params
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
     index = export_all(params, work / "models", tmp_path / "export", method)
-    assert set(index["files"]) == {"baseline/widget", "multiscale/widget"}
+    models = ["pretrained"] if method == "pretrained" else ["baseline", "multiscale"]
+    assert set(index["files"]) == {f"{m}/widget" for m in models}
     for key, name in index["files"].items():
         model, category = key.split("/")
         eager = build_detector(params, work / "models", model, category, method)
-        scripted = torch.jit.load(str(tmp_path / "export" / name))
-        has_head = any(n.startswith("head.") for n, _ in scripted.named_parameters())
-        assert has_head == (method in ("seg", "fused")), "the segmentation head is saved only where its map is used"
-        has_bank = any(n == "memory.bank" for n, _ in scripted.named_buffers())
-        assert has_bank == (method in ("knn", "fused")), "so is the memory bank"
+        scripted = torch.export.load(str(tmp_path / "export" / name)).module()
+        parts = params.evaluate.fused if method == "fused" else (method,)
+        has_head = any(n.startswith("mapper.head.") for n, _ in scripted.named_parameters())
+        assert has_head == ("seg" in parts), "the segmentation head is saved only where its map is used"
+        has_bank = any(n == "mapper.memory.bank" for n, _ in scripted.named_buffers())
+        assert has_bank == ("knn" in parts), "so is the memory bank"
+        has_backbone = any(n.startswith("mapper.pretrained.backbone.") for n, _ in scripted.named_parameters())
+        assert has_backbone == ("pretrained" in parts), "and the pretrained backbone"
         for path in real_images(root):
             image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
             with torch.no_grad():
@@ -60,9 +64,9 @@ def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp
     params = load_params(work / "params.yaml")
     models = tmp_path / "models"
     shutil.copytree(work / "models", models)
-    for path in models.rglob("*.pt"):
+    for path in (models / "banks").rglob("*.pt"):
         raw = torch.load(path, weights_only=True)
-        raw["meta"]["memory_bank"]["border_padding"] = 4
+        raw["meta"]["border_padding"] = 4
         torch.save(raw, path)
     index = export_all(params, models, tmp_path / "export", "knn")
     image = torch.from_numpy(np.asarray(Image.open(real_images(root)[-1]).convert("RGB")).copy())
@@ -70,8 +74,8 @@ def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp
         model, category = key.split("/")
         mirrored = build_detector(params, models, model, category, "knn")
         plain = build_detector(params, work / "models", model, category, "knn")
-        assert mirrored.memory.padding == 4 and plain.memory.padding == 0
-        scripted = torch.jit.load(str(tmp_path / "export" / name))
+        assert mirrored.mapper.memory.padding == 4 and plain.mapper.memory.padding == 0
+        scripted = torch.export.load(str(tmp_path / "export" / name)).module()
         with torch.no_grad():
             a, b, c = mirrored(image), scripted(image), plain(image)
         assert torch.allclose(a[2], b[2], atol=1e-4)
@@ -89,7 +93,7 @@ def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noq
         sys.modules['aead'] = None  # importing this package now fails
         import numpy as np, torch
         from PIL import Image
-        detector = torch.jit.load({str(tmp_path / 'export' / 'baseline-widget.pt')!r})
+        detector = torch.export.load({str(tmp_path / 'export' / 'baseline-widget.pt2')!r}).module()
         image = torch.from_numpy(np.asarray(Image.open({str(image)!r}).convert('RGB')).copy())
         score, raw, amap = detector(image)
         print(float(score), float(raw), tuple(amap.shape))
@@ -100,7 +104,7 @@ def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noq
     assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"
 
 
-@pytest.mark.parametrize("method", ["ssim", "seg", "fused"])
+@pytest.mark.parametrize("method", ["ssim", "seg", "pretrained", "fused"])
 def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path, method):  # noqa: F811
     """Same resize, model, map, score and normalisation: the exported file gives `aead predict`'s scores on
     real images of other sizes (exactly up to float rounding when both compute in fp32; in bf16 autocast,
@@ -114,9 +118,10 @@ def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path,
     params = load_params(work / "params.yaml")
     params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision="fp32"))
     export_all(params, work / "models", tmp_path / "export", method)
-    scripted = torch.jit.load(str(tmp_path / "export" / "baseline-widget.pt"))
+    model = "pretrained" if method == "pretrained" else "baseline"
+    scripted = torch.export.load(str(tmp_path / "export" / f"{model}-widget.pt2")).module()
     images = real_images(root)
-    rows = predict(images, "baseline", "widget", method, params, work / "models", tmp_path / "out", log=lambda m: None)
+    rows = predict(images, model, "widget", method, params, work / "models", tmp_path / "out", log=lambda m: None)
     assert len(rows) == len(images) and all(not r.error for r in rows)
     for path, row in zip(images, rows):
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())

@@ -1,23 +1,18 @@
-"""The PatchCore-style memory bank: patch features, nearest-patch distances, greedy coreset, fusion statistics and
-checkpoint round trip, against brute-force references."""
+"""The PatchCore-style memory banks: patch features, nearest-patch distances, coresets, fusion statistics and
+checkpoint round trips, against brute-force references."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from aead.checkpoint import load_checkpoint, save_checkpoint
+from aead.checkpoint import load_encoder_bank, save_encoder_bank
 from aead.errors import CheckpointError
-from aead.memory_bank import SCALE_FLOOR, build_memory, greedy_coreset, mean_and_peak_scale
-from aead.params import MemoryBankParams, ModelParams
-from aead.torch_model import PatchMemory, build_model, patch_features
-
-PARAMS = ModelParams(per_category=True, epochs=1, batch_size=4, lr=1e-3, weight_decay=0.0, patience=1, lr_factor=0.5,
-                     lr_patience=1, grad_clip=1.0, corruption="none", corruption_probability=0.0, ssim_weight=0.0,
-                     seed=0, device="cpu", precision="fp32", num_threads=0, launcher="python", flip_rotate=())
+from aead.memory_bank import build_encoder_bank, coreset_size, greedy_coreset, select_coreset
+from aead.scoring import SCALE_FLOOR, mean_and_peak_scale
+from aead.torch_model import PatchMemory, build_model, nearest_distance, patch_features
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -110,53 +105,58 @@ def test_peak_scale_is_the_mean_image_maximum_above_the_pixel_mean():
     assert float(flat) == SCALE_FLOOR, "a constant map does not divide by zero"
 
 
-def test_build_memory_keeps_the_ratio_and_measures_fusion_statistics_on_validation_images():
-    ae = build_model("baseline", 4, seed=0).eval()
-    head = None
-    bank = MemoryBankParams(coreset_ratio=0.25, feature_size=8, border_padding=4)
-    train, val = images(6), images(3, seed=2)
-    a = build_memory(ae, head, train, val, bank, PARAMS, torch.device("cpu"), log=lambda m: None)
-    b = build_memory(ae, head, train, val, bank, PARAMS, torch.device("cpu"), log=lambda m: None)
-    assert a.patches == 6 * 64 and a.memory.bank.shape == (96, 28)
-    assert torch.equal(a.memory.bank, b.memory.bank), "deterministic"
-    with torch.no_grad():
-        d = a.memory.distance_map(ae.encoder, to_batch(val)).double()
-    k_mean, k_scale, s_mean, s_scale = a.memory.fusion.tolist()
-    peaks = d.flatten(1).max(dim=1).values
-    assert k_mean == pytest.approx(float(d.mean()), rel=1e-5)
-    assert k_scale == pytest.approx(float(peaks.mean() - d.mean()), rel=1e-5), "mean validation peak above the mean"
-    assert (s_mean, s_scale) == (0.0, 1.0), "without a head the seg terms are left as they are"
+def test_build_encoder_bank_keeps_the_ratio_and_is_deterministic():
+    encoder = build_model("baseline", 4, seed=0).encoder.eval()
+    train = images(6)
+    a, stats = build_encoder_bank(encoder, train, 8, 4, "greedy", 0.25, 1000, 5, torch.device("cpu"), log=lambda m: None)
+    b, _ = build_encoder_bank(encoder, train, 8, 4, "greedy", 0.25, 1000, 5, torch.device("cpu"), log=lambda m: None)
+    assert stats.patches == 6 * 64 and a.bank.shape == (96, 28) and stats.bank_size == 96
+    assert torch.equal(a.bank, b.bank), "deterministic"
+    capped, stats = build_encoder_bank(encoder, train, 8, 4, "random", 0.25, 50, 5, torch.device("cpu"),
+                                       log=lambda m: None)
+    assert capped.bank.shape == (50, 28) and stats.bank_size == 50, "max_bank_size bounds the bank"
+    assert a.padding == 4 and a.feature_size == 8
 
 
-def test_checkpoint_round_trip_with_a_memory_bank(tmp_path):
-    model = build_model("baseline", 4, seed=0)
+def test_coreset_size_is_the_ratio_bounded_by_the_maximum():
+    assert coreset_size(1000, 0.1, 16384) == 100
+    assert coreset_size(1000, 0.1, 30) == 30
+    assert coreset_size(5, 0.01, 10) == 1, "at least one patch"
+    assert coreset_size(5, 1.0, 10) == 5
+
+
+def test_random_coreset_is_seeded_sorted_and_without_repeats():
+    points = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    a = select_coreset(points, "random", 0.2, 1000, seed=3)
+    assert torch.equal(a, select_coreset(points, "random", 0.2, 1000, seed=3))
+    assert not torch.equal(a, select_coreset(points, "random", 0.2, 1000, seed=4))
+    assert len(a) == 40 and len(set(a.tolist())) == 40 and torch.equal(a, a.sort().values)
+    with pytest.raises(ValueError, match="unknown coreset method"):
+        select_coreset(points, "kmeans", 0.2, 1000, seed=3)
+
+
+@pytest.mark.parametrize("query_chunk,bank_chunk", [(512, 65536), (7, 5), (1, 1)])
+def test_nearest_distance_in_chunks_equals_brute_force(query_chunk, bank_chunk):
+    gen = torch.Generator().manual_seed(1)
+    queries, bank = torch.randn(37, 6, generator=gen), torch.randn(23, 6, generator=gen)
+    brute = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    torch.testing.assert_close(nearest_distance(queries, bank, query_chunk, bank_chunk), brute, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_bank_round_trip(tmp_path):
     memory = PatchMemory(10, 28, 8, padding=4)
     memory.bank.copy_(torch.arange(280.0).reshape(10, 28))
-    memory.fusion.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    meta = {"model": "baseline", "base_channels": 4, "image_size": 16, "categories": ["x"],
-            "memory_bank": dataclasses.asdict(MemoryBankParams(coreset_ratio=0.5, feature_size=8, border_padding=4))}
-    save_checkpoint(tmp_path / "x.pt", model.state_dict(), meta, memory=memory)
-    ck = load_checkpoint(tmp_path / "x.pt")
-    assert ck.memory is not None and ck.head is None
-    assert torch.equal(ck.memory.bank, memory.bank) and torch.equal(ck.memory.fusion, memory.fusion)
-    assert ck.memory.feature_size == 8 and ck.memory.padding == 4
-    assert ck.meta["memory_bank"] == {"coreset_ratio": 0.5, "feature_size": 8, "border_padding": 4, "bank_size": 10,
-                                      "channels": 28}
-    assert "bank_size" not in meta["memory_bank"], "the caller's meta is not changed"
+    save_encoder_bank(tmp_path / "x.pt", memory, {"coreset_ratio": 0.5})
+    loaded = load_encoder_bank(tmp_path / "x.pt")
+    assert torch.equal(loaded.bank, memory.bank) and loaded.feature_size == 8 and loaded.padding == 4
     raw = torch.load(tmp_path / "x.pt", weights_only=True)
-    raw["meta"]["memory_bank"]["bank_size"] = 11
+    assert raw["meta"] == {"coreset_ratio": 0.5, "bank_size": 10, "channels": 28, "feature_size": 8,
+                           "border_padding": 4}
+    raw["meta"]["bank_size"] = 11
     torch.save(raw, tmp_path / "y.pt")
     with pytest.raises(CheckpointError, match=r"y\.pt: memory bank does not fit its recorded shape"):
-        load_checkpoint(tmp_path / "y.pt")
-
-
-def test_a_bank_saved_before_border_padding_existed_loads_without_mirroring(tmp_path):
-    model = build_model("baseline", 4, seed=0)
-    memory = PatchMemory(10, 28, 8, padding=4)
-    meta = {"model": "baseline", "base_channels": 4, "image_size": 16, "categories": ["x"]}
-    save_checkpoint(tmp_path / "x.pt", model.state_dict(), meta, memory=memory)
-    raw = torch.load(tmp_path / "x.pt", weights_only=True)
-    del raw["meta"]["memory_bank"]["border_padding"]
-    torch.save(raw, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "x.pt").memory.padding == 4
-    assert load_checkpoint(tmp_path / "old.pt").memory.padding == 0
+        load_encoder_bank(tmp_path / "y.pt")
+    raw["kind"] = "segmentation_head"
+    torch.save(raw, tmp_path / "z.pt")
+    with pytest.raises(CheckpointError, match=r"z\.pt: holds a checkpoint of kind 'segmentation_head', expected 'encoder_bank'"):
+        load_encoder_bank(tmp_path / "z.pt")

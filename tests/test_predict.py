@@ -15,11 +15,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import tiny_training, train_everything
+
 from aead import io
 from aead.evaluation import calibration_record, evaluate
 from aead.params import parse_params
 from aead.prepare import prepare_split
-from aead.training import train_and_save
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +29,15 @@ def pipeline(tmp_path_factory, raw_params_module, odd_dataset_module):
     raw = copy.deepcopy(raw_params_module)
     raw["data"].update(root=str(odd_dataset_module), categories=["widget"], image_size=16,
                        prepared_dir=str(work / "prepared"))
-    raw["model"].update(epochs=1, batch_size=4)
-    raw["baseline"]["base_channels"] = 4
-    raw["multiscale"]["base_channels"] = 4
-    raw["segmentation"].update(steps=4, batch_size=4, base_channels=4)
-    raw["memory_bank"].update(feature_size=8)
+    raw = tiny_training(raw)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw)
     prepare_split(params.data, log=lambda m: None)
-    for model in ("baseline", "multiscale"):
-        train_and_save(params, model, work / "models" / model, log=lambda m: None)
-    for method in ("seg", "knn", "fused", "ssim"):  # ssim last: the tests below compare with its evaluation
+    train_everything(params, work / "models")
+    for method in ("seg", "knn", "pretrained", "fused", "ssim"):  # ssim last: the tests below compare with it
         ev = evaluate(params, method, work / "models", log=lambda m: None)
-        io.write_json(work / "models" / f"calibration-{method}.json", calibration_record(params, method, ev.calibration))
+        io.write_json(work / "models" / f"calibration-{method}.json",
+                      calibration_record(params, method, ev.calibration, ev.fusion))
     return work, ev, odd_dataset_module
 
 
@@ -57,7 +54,8 @@ def test_predict_matches_evaluation_and_writes_maps(pipeline):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(work / "out" / "predictions.csv")))
     result = ev.results["baseline"]["widget"]
-    expected = {s.path: result.scores["max"][i] for i, s in enumerate(result.samples)}
+    score = yaml.safe_load((work / "params.yaml").read_text())["evaluate"]["image_score"]
+    expected = {s.path: result.scores[score][i] for i, s in enumerate(result.samples)}
     assert len(rows) == len(expected) == 5
     for row in rows:
         assert float(row["raw_score"]) == pytest.approx(expected[row["path"]], rel=1e-4, abs=1e-6)
@@ -102,4 +100,38 @@ def test_unknown_category_is_a_clear_error(pipeline):
     proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(root), "--category", "gizmo",
                            "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
                            "--out", str(work / "out2")], capture_output=True, text=True)
-    assert proc.returncode == 1 and "no checkpoint for category 'gizmo'" in proc.stderr
+    assert proc.returncode == 1 and "gizmo" in proc.stderr and "not found" in proc.stderr, proc.stderr
+
+
+def test_folders_are_searched_recursively_and_outputs_keep_relative_paths(pipeline, tmp_path):
+    """An MVTec-style tree (test/good, test/scratch, ...) given as one folder: every image in its subfolders is
+    scored, the CSV keeps each path relative to the folder, and the outputs mirror it."""
+    work, _, root = pipeline
+    tree = root / "widget" / "test"
+    expected = sorted(p.relative_to(tree.parent) for p in tree.rglob("*.png"))  # test/good/000.png, ...
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(tree), "--category", "widget", "--model",
+                           "baseline", "--method", "ssim", "--params", str(work / "params.yaml"), "--models-root",
+                           str(work / "models"), "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert sorted(Path(r["relative_path"]) for r in rows) == expected and len(expected) > 4
+    for row in rows:
+        stem = Path(row["relative_path"]).with_suffix("")
+        assert Path(row["heatmap"]) == tmp_path / "out" / f"{stem}_heatmap.png" and Path(row["heatmap"]).is_file()
+    assert f"{len(expected)} images from" in proc.stdout
+
+
+def test_two_inputs_with_the_same_name_get_outputs_of_their_own(pipeline, tmp_path):
+    work, _, root = pipeline
+    for name, source in (("a", "good/000.png"), ("b", "scratch/000.png")):
+        (tmp_path / name).mkdir()
+        shutil.copy(root / "widget" / "test" / source, tmp_path / name / "x.png")
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(tmp_path / "a" / "x.png"),
+                           str(tmp_path / "b" / "x.png"), "--category", "widget", "--model", "baseline", "--method",
+                           "ssim", "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / "out" / "predictions.csv"))}
+    a, b = rows[str(tmp_path / "a" / "x.png")], rows[str(tmp_path / "b" / "x.png")]
+    assert (a["relative_path"], b["relative_path"]) == ("x.png", "x~2.png")
+    assert Path(a["heatmap"]).is_file() and Path(b["heatmap"]).is_file() and a["heatmap"] != b["heatmap"]

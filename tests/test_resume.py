@@ -49,7 +49,7 @@ def trained(tmp_path_factory, raw_params_module, odd_dataset_module, repo_root):
 def train_cmd(work: Path, repo: Path, tag: str) -> list[str]:
     return [sys.executable, str(repo / "stages" / "train.py"), "--model", "baseline",
             "--params", str(work / "params.yaml"), "--models-dir", str(work / f"models-{tag}"),
-            "--metrics", str(work / f"train-{tag}.json"), "--plot", str(work / f"train-{tag}.csv"),
+            "--metrics-dir", str(work / f"metrics-{tag}"), "--plot", str(work / f"train-{tag}.csv"),
             "--resume-dir", str(work / f"resume-{tag}")]
 
 
@@ -75,7 +75,7 @@ def test_killed_training_resumes_to_the_same_result(trained, sig):
     os.kill(proc.pid, sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0
-    for out in (f"models-{cut}", f"train-{cut}.json", f"train-{cut}.csv"):
+    for out in (f"models-{cut}", f"metrics-{cut}", f"train-{cut}.csv"):
         assert not (work / out).exists(), f"{out} written by a killed run"
     if sig != signal.SIGKILL:  # SIGKILL cannot be caught: a temporary file may stay (removed on the next run)
         left = [p for p in work.rglob("*.tmp") if cut in str(p.relative_to(work))]
@@ -90,29 +90,37 @@ def test_killed_training_resumes_to_the_same_result(trained, sig):
     assert not (work / f"resume-{cut}").exists(), "resume state removed once the stage completed"
 
 
-def test_killed_during_the_segmentation_head_resumes_to_the_same_result(setup):
-    """Killed after the autoencoder finished, while the head trains: the rerun takes the autoencoder from
-    its resume state and trains the head again from its seed, ending with the uninterrupted run's files."""
+def head_cmd(work: Path, repo: Path, tag: str) -> list[str]:
+    return [sys.executable, str(repo / "stages" / "train_head.py"), "--model", "baseline",
+            "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
+            "--out", str(work / f"heads-{tag}"), "--metrics-dir", str(work / f"metrics-head-{tag}"),
+            "--plot", str(work / f"head-{tag}.csv")]
+
+
+def test_a_killed_head_stage_writes_nothing_and_its_rerun_gives_the_same_head(setup):
+    """The segmentation head is its own stage: killed while it trains, it leaves no head, metrics or plot behind,
+    and the rerun (from the head's seed) ends with the uninterrupted run's weights."""
     work, repo = setup
     raw = yaml.safe_load((work / "params.yaml").read_text())
-    raw["model"].update(epochs=3, patience=3)
+    raw["model"].update(epochs=2, patience=2)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
-    subprocess.run(train_cmd(work, repo, "whole"), check=True, capture_output=True)
-    proc = subprocess.Popen(train_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    train = train_cmd(work, repo, "ae")
+    train[train.index("--models-dir") + 1] = str(work / "models" / "baseline")
+    subprocess.run(train, check=True, capture_output=True)
+    subprocess.run(head_cmd(work, repo, "whole"), check=True, capture_output=True)
+    proc = subprocess.Popen(head_cmd(work, repo, "cut"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         if "segmentation head step 50/150" in line:
             os.kill(proc.pid, signal.SIGTERM)
             break
     proc.wait(timeout=30)
-    assert proc.returncode != 0, "training finished before the test could interrupt it: make the head longer"
-    assert not (work / "models-cut").exists()
-    again = subprocess.run(train_cmd(work, repo, "cut"), check=True, capture_output=True, text=True)
-    assert "resuming after epoch 3" in again.stdout
-    a = torch.load(work / "models-whole" / "widget.pt", weights_only=True)
-    b = torch.load(work / "models-cut" / "widget.pt", weights_only=True)
-    for part in ("state_dict", "head_state_dict"):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert proc.returncode != 0, "the head finished before the test could interrupt it: make it longer"
+    for out in ("heads-cut", "metrics-head-cut", "head-cut.csv"):
+        assert not (work / out).exists(), f"{out} written by a killed run"
+    subprocess.run(head_cmd(work, repo, "cut"), check=True, capture_output=True)
+    a = torch.load(work / "heads-whole" / "widget.pt", weights_only=True)["state_dict"]
+    b = torch.load(work / "heads-cut" / "widget.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_state_of_other_params_is_ignored(trained):

@@ -16,7 +16,7 @@ from aead.training import flip_rotate, focal_loss, train_autoencoder, train_segm
 PARAMS = ModelParams(per_category=True, epochs=3, batch_size=4, lr=1e-2, weight_decay=0.0, patience=5,
                      lr_factor=0.5, lr_patience=1, grad_clip=1.0,
                      corruption="perlin", corruption_probability=0.75, ssim_weight=1.0, seed=0, device="cpu",
-                     precision="fp32", num_threads=0, launcher="python", flip_rotate=())
+                     precision="fp32", deterministic=True, num_threads=0, launcher="python", flip_rotate=())
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -101,6 +101,7 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 
 def test_image_source_gives_the_same_batches_from_a_memory_map_and_from_a_resident_copy(tmp_path):
     """The per-batch path (CPU, memory map) and the whole-array path (what CUDA uses when it fits)."""
+    from aead.numerics import memory_format
     from aead.training import ImageSource
 
     images = np.random.default_rng(0).integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
@@ -111,7 +112,7 @@ def test_image_source_gives_the_same_batches_from_a_memory_map_and_from_a_reside
     assert lazy.resident is None and whole.resident is not None and len(lazy) == len(whole) == 10
     for rows in (torch.tensor([7, 2, 2, 9]), slice(3, 8), np.array([0])):
         a, b = lazy.batch(rows), whole.batch(rows)
-        assert a.dtype == torch.float32 and a.is_contiguous(memory_format=torch.channels_last)
+        assert a.dtype == torch.float32 and a.is_contiguous(memory_format=memory_format())
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         index = rows if isinstance(rows, slice) else np.asarray(rows)
         expected = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 255.0
@@ -168,20 +169,20 @@ def focal_loss_of(ae: torch.nn.Module, head_state: dict | None) -> float:
         return float(focal_loss(head(xc, ae(xc)), mask))
 
 
-def test_checkpoint_round_trip_with_a_segmentation_head(tmp_path):
+def test_segmentation_head_round_trip(tmp_path):
+    from aead.checkpoint import load_head, save_head
     from aead.torch_model import build_head
 
-    model, head = build_model("baseline", 4, seed=0), build_head(4, seed=1).eval()
-    meta = {"model": "baseline", "base_channels": 4, "image_size": 16, "categories": ["x"],
-            "segmentation": {"base_channels": 4}}
-    save_checkpoint(tmp_path / "x.pt", model.state_dict(), meta, head_state_dict=head.state_dict())
-    ck = load_checkpoint(tmp_path / "x.pt")
+    head = build_head(4, seed=1).eval()
+    save_head(tmp_path / "x.pt", head, {"base_channels": 4})
+    loaded = load_head(tmp_path / "x.pt")
     x = torch.rand(2, 3, 16, 16)
-    assert ck.head is not None and torch.equal(ck.head(x, x), head(x, x))
-    with pytest.raises(ValueError, match="segmentation.base_channels"):
-        save_checkpoint(tmp_path / "y.pt", model.state_dict(), {**meta, "segmentation": {}},
-                        head_state_dict=head.state_dict())
-    meta["segmentation"]["base_channels"] = 8
-    save_checkpoint(tmp_path / "z.pt", model.state_dict(), meta, head_state_dict=head.state_dict())
-    with pytest.raises(CheckpointError, match="z.pt: segmentation head weights do not fit base_channels 8"):
-        load_checkpoint(tmp_path / "z.pt")
+    assert torch.equal(loaded(x, x), head(x, x))
+    with pytest.raises(ValueError, match="segmentation_head checkpoint metadata needs 'base_channels'"):
+        save_head(tmp_path / "y.pt", head, {})
+    save_head(tmp_path / "z.pt", head, {"base_channels": 8})
+    with pytest.raises(CheckpointError, match="z.pt: weights do not fit base_channels 8"):
+        load_head(tmp_path / "z.pt")
+    with pytest.raises(CheckpointError, match="x.pt: holds a checkpoint of kind 'segmentation_head', expected "
+                                              "'autoencoder'"):
+        load_checkpoint(tmp_path / "x.pt")

@@ -1,4 +1,5 @@
-"""Command line: ``aead predict`` scores new images with a model trained by the pipeline."""
+"""Command line: ``aead predict`` scores new images with a model trained by the pipeline; ``aead results`` prints the
+results table of the last run; ``aead seeds`` runs the pipeline over training seeds and summarises the spread."""
 
 from __future__ import annotations
 
@@ -7,34 +8,62 @@ import sys
 from pathlib import Path
 
 from aead.cli import log, run_stage
-from aead.params import METHODS, MODEL_NAMES, load_params
+from aead.errors import ParamsError
+from aead.params import METHODS, MODEL_NAMES, PRETRAINED, load_params, models_of
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aead", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="score images or folders of images with a trained model",
-                       description="Writes <out>/predictions.csv (path, category, normalised score, verdict, raw "
-                                   "score, files, error) and per image a heatmap overlay and a defect mask PNG at "
-                                   "the image's size. Exit code 0: all images scored; 2: some could not be read "
+                       description="Writes <out>/predictions.csv (path, relative path, category, normalised score, "
+                                   "verdict, raw score, files, error) and per image a heatmap overlay and a defect "
+                                   "mask PNG at the image's size, as <out>/<relative path>_heatmap.png and _mask.png. Exit code 0: all images scored; 2: some could not be read "
                                    "(listed in the CSV); 1: bad arguments, params or model.")
-    p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("--model", choices=MODEL_NAMES, default="baseline")
+    p.add_argument("inputs", nargs="+", help="image files, or folders searched recursively for images (outputs keep "
+                                             "each image's path relative to its folder)")
+    p.add_argument("--model", choices=(*MODEL_NAMES, PRETRAINED),
+                   help="whose map: an autoencoder's (default baseline), or 'pretrained' for --method pretrained")
     p.add_argument("--category", required=True, help="which category's model to use")
     p.add_argument("--method", choices=METHODS,
                    help="anomaly map (default: export.method from the params, as in the exported detectors)")
     p.add_argument("--params", default="params.yaml", help="the params the model was trained and evaluated with")
     p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files")
     p.add_argument("--out", required=True, help="output folder")
+    r = sub.add_parser("results", help="the results table of the last run (Markdown), from metrics/",
+                       description="One row per anomaly map and model: image AUROC, pixel AUROC and AUPRO with their "
+                                   "bootstrap confidence intervals (mean over categories), and the F1 of the "
+                                   "calibrated threshold. The README's results table is this command's output.")
+    r.add_argument("--metrics-dir", default="metrics")
+    r.add_argument("--params", default="params.yaml")
+    s_ = sub.add_parser("seeds", help="run the pipeline with other training seeds as DVC experiments, and summarise",
+                        description="'run' queues or runs `dvc exp run -S model.seed=N -S pretrained.seed=N` for each "
+                                    "seed; 'summary' reads `dvc exp show --json` and prints mean ± standard deviation "
+                                    "of every headline metric over the runs that differ from the workspace only in "
+                                    "those seeds (the workspace's own run included).")
+    s_.add_argument("action", choices=("run", "summary"))
+    s_.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds to run (default: 1 2)")
+    s_.add_argument("--queue", action="store_true", help="queue the experiments (start them with dvc queue start)")
     args = parser.parse_args(argv)
+    if args.command == "results":
+        run_stage(lambda: print(_results(args.metrics_dir, args.params)))
+        return
+    if args.command == "seeds":
+        run_stage(lambda: _seeds(args.action, args.seeds, args.queue))
+        return
     failed: list[int] = []
 
     def run() -> None:
         from aead.predict import predict
 
         params = load_params(args.params)
-        results = predict(args.inputs, args.model, args.category, args.method or params.export.method, params,
-                          Path(args.models_root), Path(args.out), log=log)
+        method = args.method or params.export.method
+        valid = models_of(method, params.evaluate)
+        model = args.model or valid[0]
+        if model not in valid:
+            raise ParamsError(f"--model {model}: method '{method}' is computed for {', '.join(valid)}")
+        results = predict(args.inputs, model, args.category, method, params, Path(args.models_root),
+                          Path(args.out), log=log)
         bad = [r for r in results if r.error]
         for r in bad:
             print(f"error: {r.error}", file=sys.stderr)
@@ -44,6 +73,21 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(run)
     if failed and failed[0]:
         sys.exit(2)
+
+
+def _results(metrics_dir: str, params_path: str) -> str:
+    from aead.results import results_markdown
+
+    return results_markdown(Path(metrics_dir), load_params(params_path).evaluate.confidence)
+
+
+def _seeds(action: str, seeds: list[int], queue: bool) -> None:
+    from aead.results import exp_show, run_seed_experiments, seed_summary, seeds_markdown
+
+    if action == "run":
+        run_seed_experiments(seeds, queue)
+    else:
+        print(seeds_markdown(seed_summary(exp_show())))
 
 
 if __name__ == "__main__":

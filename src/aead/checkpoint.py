@@ -1,9 +1,11 @@
-"""Checkpoints: a trained model's weights plus everything needed to use and audit it.
+"""Checkpoints: each trained thing's weights plus everything needed to use and audit it, one file per category.
 
-One file per trained model under ``models/<model>/``: ``<category>.pt`` when training per category,
-``joint.pt`` for one model of all categories (the seed's setting). A checkpoint also holds the segmentation
-head trained on top of the autoencoder when ``segmentation.steps`` > 0 (its settings in ``meta["segmentation"]``),
-and the memory bank of encoder patch features when ``memory_bank.coreset_ratio`` > 0 (``meta["memory_bank"]``).
+``models/<model>/<category>.pt``             an autoencoder (stage ``train-<model>``; ``joint.pt`` for one model of
+                                              all categories, the seed's setting)
+``models/heads/<model>/<category>.pt``       its segmentation head (stage ``train-head@<model>``)
+``models/banks/<model>/<category>.pt``       the memory bank of its encoder (stage ``build-bank@<model>``)
+``models/pretrained/<category>.pt``          the memory bank of a frozen ImageNet backbone (``build-pretrained-bank``);
+                                              the backbone's weights are not stored, they come from their package
 """
 
 from __future__ import annotations
@@ -16,21 +18,21 @@ import torch
 from torch import nn
 
 from aead import io
+from aead.backbones import build_backbone
 from aead.errors import CheckpointError
-from aead.torch_model import PatchMemory, SegmentationHead, build_head, build_model
+from aead.torch_model import PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 JOINT = "joint"
+KINDS = ("autoencoder", "segmentation_head", "encoder_bank", "pretrained_bank")
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the ready model (eval mode) and its recorded metadata."""
+    """A loaded autoencoder (eval mode) and its recorded metadata."""
 
     model: nn.Module
     meta: dict[str, Any]
-    head: SegmentationHead | None = None
-    memory: PatchMemory | None = None
 
     @property
     def image_size(self) -> int:
@@ -46,39 +48,48 @@ def checkpoint_name(category: str | None) -> str:
     return f"{category or JOINT}.pt"
 
 
-def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any],
-                    head_state_dict: dict[str, Any] | None = None, memory: PatchMemory | None = None) -> None:
-    """Write weights and metadata atomically. ``meta`` must hold model, base_channels, image_size,
-    categories (and ``segmentation.base_channels`` with a head); the rest (params, manifest digests, training
-    summary) is kept as given. The memory bank's shape is recorded in ``meta["memory_bank"]``."""
-    for key in ("model", "base_channels", "image_size", "categories"):
+def _save(path: str | Path, kind: str, meta: dict[str, Any], state_dict: dict[str, Any],
+          required: tuple[str, ...]) -> None:
+    for key in required:
         if key not in meta:
-            raise ValueError(f"checkpoint metadata needs '{key}'")
-    raw = {"format": FORMAT_VERSION, "meta": meta, "state_dict": state_dict}
-    if head_state_dict is not None:
-        if "base_channels" not in meta.get("segmentation", {}):
-            raise ValueError("checkpoint metadata needs 'segmentation.base_channels' with a segmentation head")
-        raw["head_state_dict"] = head_state_dict
-    if memory is not None:
-        raw["meta"] = {**meta, "memory_bank": {**meta.get("memory_bank", {}), "bank_size": int(memory.bank.shape[0]),
-                                               "channels": int(memory.bank.shape[1]),
-                                               "feature_size": memory.feature_size, "border_padding": memory.padding}}
-        raw["memory_state_dict"] = {k: v.detach().cpu() for k, v in memory.state_dict().items()}
-    io.save_torch(path, raw)
+            raise ValueError(f"{kind} checkpoint metadata needs '{key}'")
+    io.save_torch(path, {"format": FORMAT_VERSION, "kind": kind, "meta": meta,
+                         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}})
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect_model: str | None = None,
-                    expect_image_size: int | None = None) -> Checkpoint:
-    """Load and check a checkpoint; mismatches with what the caller expects raise :class:`CheckpointError`."""
+def _load(path: str | Path, kind: str, device: torch.device | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found; run the training stage first (dvc repro)")
+        raise CheckpointError(f"{path}: {kind.replace('_', ' ')} not found; run the pipeline first (dvc repro)")
     try:
         raw = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # torch raises many types for damaged files
         raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION or "meta" not in raw:
-        raise CheckpointError(f"{path}: not a checkpoint of this project (format {FORMAT_VERSION} expected)")
+        raise CheckpointError(f"{path}: not a checkpoint of this version of the project (format {FORMAT_VERSION} "
+                              "expected); rerun the pipeline (dvc repro)")
+    if raw.get("kind") != kind:
+        raise CheckpointError(f"{path}: holds a checkpoint of kind '{raw.get('kind')}', expected '{kind}'")
+    return raw
+
+
+def _fill(module: nn.Module, state_dict: dict[str, Any], path: Path | str, what: str) -> None:
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: {what}: {err}") from err
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write an autoencoder's weights and metadata atomically. ``meta`` must hold model, base_channels, image_size
+    and categories; the rest (params, manifest digests, training summary) is kept as given."""
+    _save(path, "autoencoder", meta, state_dict, ("model", "base_channels", "image_size", "categories"))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect_model: str | None = None,
+                    expect_image_size: int | None = None) -> Checkpoint:
+    """Load and check an autoencoder; mismatches with what the caller expects raise :class:`CheckpointError`."""
+    raw = _load(path, "autoencoder", device)
     meta = raw["meta"]
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{path}: holds a '{meta['model']}' model, expected '{expect_model}'")
@@ -88,33 +99,60 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", expect
             "retrain (dvc repro) or set data.image_size to match"
         )
     model = build_model(meta["model"], int(meta["base_channels"]))
+    _fill(model, raw["state_dict"], path,
+          f"weights do not fit a '{meta['model']}' model with base_channels {meta['base_channels']}")
+    return Checkpoint(model=model.to(device).eval(), meta=meta)
+
+
+def save_head(path: str | Path, head: SegmentationHead, meta: dict[str, Any]) -> None:
+    """Write a segmentation head; ``meta`` must hold its ``base_channels``."""
+    _save(path, "segmentation_head", meta, head.state_dict(), ("base_channels",))
+
+
+def load_head(path: str | Path, device: torch.device | str = "cpu") -> SegmentationHead:
+    raw = _load(path, "segmentation_head", device)
+    head = build_head(int(raw["meta"]["base_channels"]))
+    _fill(head, raw["state_dict"], path, f"weights do not fit base_channels {raw['meta']['base_channels']}")
+    return head.to(device).eval()
+
+
+def save_encoder_bank(path: str | Path, memory: PatchMemory, meta: dict[str, Any]) -> None:
+    """Write an encoder memory bank; its shape is recorded in the metadata."""
+    meta = {**meta, "bank_size": int(memory.bank.shape[0]), "channels": int(memory.bank.shape[1]),
+            "feature_size": memory.feature_size, "border_padding": memory.padding}
+    _save(path, "encoder_bank", meta, memory.state_dict(), ())
+
+
+def load_encoder_bank(path: str | Path, device: torch.device | str = "cpu") -> PatchMemory:
+    raw = _load(path, "encoder_bank", device)
+    meta = raw["meta"]
+    memory = PatchMemory(int(meta["bank_size"]), int(meta["channels"]), int(meta["feature_size"]),
+                         int(meta["border_padding"]))
+    _fill(memory, raw["state_dict"], path, f"memory bank does not fit its recorded shape {meta}")
+    return memory.to(device).eval()
+
+
+def save_pretrained_bank(path: str | Path, memory: PretrainedPatchMemory, meta: dict[str, Any]) -> None:
+    """Write a pretrained memory bank (the bank only: the backbone is rebuilt from its package when loaded).
+    ``meta`` must hold backbone, layers, neighbourhood and the working ``shape`` (height, width)."""
+    meta = {**meta, "bank_size": int(memory.bank.shape[0]), "channels": int(memory.bank.shape[1]),
+            "border_padding": memory.padding}
+    _save(path, "pretrained_bank", meta, {"bank": memory.bank}, ("backbone", "layers", "neighbourhood", "shape"))
+
+
+def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
+                         ) -> tuple[PretrainedPatchMemory, dict[str, Any]]:
+    """The pretrained memory (backbone with its packaged weights, and the bank) and its metadata."""
+    raw = _load(path, "pretrained_bank", device)
+    meta = raw["meta"]
+    memory = PretrainedPatchMemory(build_backbone(meta["backbone"]), tuple(meta["layers"]),
+                                   int(meta["neighbourhood"]), int(meta["bank_size"]), int(meta["channels"]),
+                                   int(meta["border_padding"]))
     try:
-        model.load_state_dict(raw["state_dict"])
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"{path}: weights do not fit a '{meta['model']}' model with base_channels {meta['base_channels']}: {err}"
-        ) from err
-    model.to(device).eval()
-    head = None
-    if "head_state_dict" in raw:
-        head = build_head(int(meta["segmentation"]["base_channels"]))
-        try:
-            head.load_state_dict(raw["head_state_dict"])
-        except RuntimeError as err:
-            raise CheckpointError(f"{path}: segmentation head weights do not fit base_channels "
-                                  f"{meta['segmentation']['base_channels']}: {err}") from err
-        head.to(device).eval()
-    memory = None
-    if "memory_state_dict" in raw:
-        shape = meta.get("memory_bank", {})
-        try:
-            memory = PatchMemory(int(shape["bank_size"]), int(shape["channels"]), int(shape["feature_size"]),
-                                 int(shape.get("border_padding", 0)))  # banks from before the key: no mirroring
-            memory.load_state_dict(raw["memory_state_dict"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: memory bank does not fit its recorded shape {shape}: {err}") from err
-        memory.to(device).eval()
-    return Checkpoint(model=model, meta=meta, head=head, memory=memory)
+        memory.bank.copy_(raw["state_dict"]["bank"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: memory bank does not fit its recorded shape: {err}") from err
+    return memory.to(device).eval(), meta
 
 
 def find_checkpoint(model_dir: str | Path, category: str) -> Path:
@@ -128,5 +166,5 @@ def find_checkpoint(model_dir: str | Path, category: str) -> Path:
         return joint
     raise CheckpointError(
         f"{model_dir}: no checkpoint for category '{category}' (expected {own.name} or {joint.name}); "
-        "run the training stage first (dvc repro)"
+        "run the pipeline first (dvc repro)"
     )

@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from aead import io
 from aead.errors import DataError
+from aead.numerics import memory_format
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MANIFEST_COLUMNS = ("index", "path", "category", "defect_type", "label", "mask_path")
@@ -173,14 +174,14 @@ def read_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
     return arr > (top / 2.0) if top > 0 else np.zeros(arr.shape, dtype=bool)
 
 
-def _open(path: Path) -> Image.Image:
+def _open_header(path: Path) -> Image.Image:
+    """The opened (not yet decoded) image; missing, empty and non-image files raise :class:`DataError`."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes), expected an image")
     try:
         img = Image.open(path)
-        img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot decode image ({err}); the file is damaged or not an image") from err
     if img.width < 1 or img.height < 1:
@@ -188,34 +189,86 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to (size, size, 3) with torch's antialiased bilinear filter, rounded to uint8.
+def _open(path: Path) -> Image.Image:
+    """The fully decoded image (see :func:`_open_header` for the errors)."""
+    img = _open_header(path)
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode image ({err}); the file is damaged or not an image") from err
+    return img
 
-    The exported TorchScript detector runs exactly these operations in its graph, so its scores equal the
-    pipeline's and ``aead predict``'s."""
-    if image.shape[0] == size and image.shape[1] == size:
+
+Shape = tuple[int, int]
+
+
+def as_shape(size: int | Shape) -> Shape:
+    """``(height, width)`` of a square ``size`` or of an explicit shape."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def working_shape(height: int, width: int, short_side: int, multiple: int = 8) -> Shape:
+    """The shape an image of ``height`` x ``width`` is resized to when its aspect ratio is kept: the short side
+    becomes ``short_side``, the long side scales with it, and both are rounded to a multiple of ``multiple`` (at
+    least one ``multiple``). A 200 x 600 strip at short side 224 becomes 224 x 672, not 224 x 224."""
+    if height < 1 or width < 1:
+        raise DataError(f"working_shape: image of {height}x{width} pixels has no area")
+    scale = short_side / min(height, width)
+
+    def side(n: int) -> int:
+        return max(multiple, int(round(n * scale / multiple)) * multiple)
+
+    return side(height), side(width)
+
+
+def image_shape(path: str | Path) -> Shape:
+    """(height, width) of an image file, read from its header (the pixels are not decoded)."""
+    img = _open_header(Path(path))
+    return img.height, img.width
+
+
+def category_shape(samples: Sequence[Sample], short_side: int, multiple: int = 8) -> Shape:
+    """The working shape of a category's images when the aspect ratio is kept: the median aspect ratio of
+    ``samples`` (its training images) with the short side at ``short_side`` (see :func:`working_shape`). Every image
+    of the category is resized to it, so images whose aspect ratio differs from the median are stretched a little."""
+    if not samples:
+        raise DataError("category_shape: no images to measure")
+    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)
+    ratio = float(np.median(shapes[:, 1] / shapes[:, 0]))  # width / height
+    return working_shape(1000, max(1, round(1000 * ratio)), short_side, multiple)
+
+
+def resize_image(image: np.ndarray, size: int | Shape) -> np.ndarray:
+    """Resize (H, W, 3) uint8 to ``size`` (a side for a square, or (height, width)) with torch's antialiased
+    bilinear filter, rounded to uint8.
+
+    The exported detector runs exactly these operations in its graph, so its scores equal the pipeline's and
+    ``aead predict``'s."""
+    shape = as_shape(size)
+    if image.shape[:2] == shape:
         return image
     x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None].float()
-    return resize_batch(x, size).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    return resize_batch(x, shape).to(torch.uint8)[0].permute(1, 2, 0).numpy()
 
 
-def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) float images with values in [0, 255] -> (N, C, size, size): antialiased bilinear, rounded
-    and clipped to whole values in [0, 255]. The one resize of the pipeline, ``aead predict`` and the
-    exported detector."""
-    y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+def resize_batch(x: torch.Tensor, size: int | Shape) -> torch.Tensor:
+    """(N, C, H, W) float images with values in [0, 255] -> (N, C, height, width) of ``size`` (a side for a
+    square, or (height, width)): antialiased bilinear, rounded and clipped to whole values in [0, 255]. The one
+    resize of the pipeline, ``aead predict`` and the exported detector."""
+    y = F.interpolate(x, size=as_shape(size), mode="bilinear", align_corners=False, antialias=True)
     return y.round().clamp(0, 255)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a bool mask to (size, size) by area averaging, keeping pixels at least half covered."""
-    if mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size: int | Shape) -> np.ndarray:
+    """Resize a bool mask to ``size`` by area averaging, keeping pixels at least half covered."""
+    height, width = as_shape(size)
+    if mask.shape == (height, width):
         return mask
     as_float = Image.fromarray(mask.astype(np.float32))
-    return np.asarray(as_float.resize((size, size), Image.Resampling.BILINEAR)) >= 0.5
+    return np.asarray(as_float.resize((width, height), Image.Resampling.BILINEAR)) >= 0.5
 
 
-def load_sample(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+def load_sample(sample: Sample, size: int | Shape) -> tuple[np.ndarray, np.ndarray | None]:
     """Read, check and resize one sample's image and (if it has one) its mask."""
     image = read_image(sample.path)
     mask = None
@@ -245,7 +298,7 @@ def split_train_val(train: list[Sample], val_fraction: float, seed: int) -> tupl
     )
 
 
-def load_split(samples: list[Sample], size: int, with_masks: bool, workers: int = 4,
+def load_split(samples: list[Sample], size: int | Shape, with_masks: bool, workers: int = 4,
                progress: Callable[[int, int], None] | None = None, folder: Path | None = None,
                name: str = "") -> Split:
     """Decode and resize all ``samples`` (in parallel threads) into one array.
@@ -258,8 +311,9 @@ def load_split(samples: list[Sample], size: int, with_masks: bool, workers: int 
             return np.zeros(shape, dtype=np.uint8)
         return np.lib.format.open_memmap(folder / f"{name}{suffix}.npy", mode="w+", dtype=np.uint8, shape=shape)
 
-    images = allocate("", (len(samples), size, size, 3))
-    masks = allocate("_masks", (len(samples), size, size)) if with_masks else None
+    height, width = as_shape(size)
+    images = allocate("", (len(samples), height, width, 3))
+    masks = allocate("_masks", (len(samples), height, width)) if with_masks else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, (image, mask) in enumerate(pool.map(lambda s: load_sample(s, size), samples)):
             images[i] = image
@@ -283,16 +337,22 @@ def write_manifest(folder: Path, name: str, samples: list[Sample]) -> None:
     io.write_csv(folder / f"{name}.csv", rows, MANIFEST_COLUMNS)
 
 
-def read_split(folder: str | Path, name: str, mmap: bool = True) -> Split:
-    """Read a split written by prepare-split (arrays memory-mapped by default)."""
-    folder = Path(folder)
-    manifest = folder / f"{name}.csv"
+def read_manifest(folder: str | Path, name: str) -> list[Sample]:
+    """The samples of a split's manifest written by prepare-split (``<folder>/<name>.csv``)."""
+    manifest = Path(folder) / f"{name}.csv"
     if not manifest.is_file():
         raise DataError(f"{manifest}: split manifest not found; run the prepare-split stage first (dvc repro)")
     rows = io.read_csv(manifest)
     if not rows or list(rows[0]) != list(MANIFEST_COLUMNS):
         raise DataError(f"{manifest}: expected a manifest with columns {', '.join(MANIFEST_COLUMNS)}")
-    samples = [Sample(r["path"], r["category"], r["defect_type"], int(r["label"]), r["mask_path"] or None) for r in rows]
+    return [Sample(r["path"], r["category"], r["defect_type"], int(r["label"]), r["mask_path"] or None) for r in rows]
+
+
+def read_split(folder: str | Path, name: str, mmap: bool = True) -> Split:
+    """Read a split written by prepare-split (arrays memory-mapped by default)."""
+    folder = Path(folder)
+    manifest = folder / f"{name}.csv"
+    samples = read_manifest(folder, name)
     mode = "r" if mmap else None
     images = np.load(folder / f"{name}.npy", mmap_mode=mode)
     if images.shape[0] != len(samples):
@@ -319,5 +379,6 @@ def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def to_float(batch: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU)."""
-    return (batch.float() / 255.0).contiguous(memory_format=torch.channels_last)
+    """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU) unless the CPU numerics are
+    pinned (:mod:`aead.numerics`)."""
+    return (batch.float() / 255.0).contiguous(memory_format=memory_format())

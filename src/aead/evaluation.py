@@ -1,45 +1,38 @@
-"""The evaluation stages: score the test split with the trained checkpoints, per model and category.
+"""The evaluation stages: score the test split with each trained model, per category, and compute the metrics.
 
-``l1``: per-pixel L1 error (mean over channels), Gaussian-smoothed for localisation.
-``ssim``: 1 - SSIM on grayscale with a Gaussian window, then Gaussian smoothing (the seed's heatmaps).
-``seg``: the defect probability of the checkpoint's segmentation head (DRAEM-style), Gaussian-smoothed.
-``knn``: the distance of each patch's encoder features to the nearest defect-free patch in the checkpoint's memory
-bank (PatchCore-style), upsampled and Gaussian-smoothed.
-``fused``: the ``seg`` and ``knn`` maps, each put on one scale with its validation statistics (mean and peak scale,
-stored with the memory bank), summed and Gaussian-smoothed.
-Only the test manifest from prepare-split and the checkpoints are used; nothing is trained here.
+The maps are those of :mod:`aead.scoring`. Only the prepared test manifest (and its images at each map's shape), the
+validation images (for the leak-free threshold and the fused map's statistics) and the trained models are used;
+nothing is trained here.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from aead import maps, metrics
+from aead import metrics, uncertainty
 from aead.calibration import Calibration, calibrate
-from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
-from aead.corruption import corrupt_batch
-from aead.data import Sample, Split, categories_of, read_split, to_float, to_tensor
+from aead.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank, load_head, load_pretrained_bank
+from aead.data import Sample, Split, categories_of, load_split, read_split
 from aead.errors import CheckpointError, DataError
-from aead.params import BANK_METHODS, HEAD_METHODS, METHODS, MODEL_NAMES, MethodName, Params, missing_components
-from aead.torch_model import PatchMemory
-from aead.training import autocast_for, configure_threads, select_device
+from aead.params import PRETRAINED, MethodName, Params, missing_components, models_of, parts_of
+from aead.scoring import SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
+from aead.training import autocast_for, setup_compute
 
 Method = MethodName
-SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
 Log = Callable[[str], None]
+CALIBRATION_SEED_OFFSET = 7  # the synthetic defects of the calibration images: model.seed + 7
 
 
 @dataclass
 class CategoryResult:
-    """Scores and maps of one model on one category's test images."""
+    """Scores and maps of one model on one category's test images, and what the heatmap panels show."""
 
     samples: list[Sample]
     labels: np.ndarray
@@ -47,6 +40,7 @@ class CategoryResult:
     maps: np.ndarray
     masks: np.ndarray | None
     has_mask: np.ndarray
+    images: dict[int, np.ndarray] = field(default_factory=dict)
     recon: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -61,117 +55,135 @@ class Evaluation:
     score_rows: list[dict[str, Any]] = field(default_factory=list)
     results: dict[str, dict[str, CategoryResult]] = field(default_factory=dict)
     calibration: dict[str, dict[str, Calibration]] = field(default_factory=dict)
+    fusion: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
 
 
-def anomaly_maps(method: Method, x: Tensor, recon: Tensor, smooth_sigma: float, window_sigma: float,
-                 head: nn.Module | None = None, memory: PatchMemory | None = None,
-                 encoder: nn.Module | None = None) -> Tensor:
-    """(N, H, W) anomaly map of a batch: smoothed L1 error, smoothed 1 - SSIM, the smoothed defect probability
-    of the segmentation ``head`` (``seg``), the smoothed nearest-patch distance to the ``memory`` bank of
-    ``encoder`` features (``knn``), or both put on one scale and summed (``fused``)."""
-    if method == "l1":
-        return maps.gaussian_blur(maps.l1_map(x, recon)[:, None], smooth_sigma)[:, 0]
-    if method == "ssim":
-        return maps.ssim_error_map(x, recon, window_sigma=window_sigma, smooth_sigma=smooth_sigma)
-    if method in HEAD_METHODS and head is None:
-        raise ValueError(f"method '{method}' needs the checkpoint's segmentation head")
-    if method in BANK_METHODS and (memory is None or encoder is None):
-        raise ValueError(f"method '{method}' needs the checkpoint's memory bank and encoder")
-    seg = torch.sigmoid(head(x, recon).float())[:, 0] if method in HEAD_METHODS else None  # in autocast if set
-    with torch.autocast(x.device.type, enabled=False):  # scaling and smoothing in bf16 would lose digits
-        if method == "seg":
-            raw = seg
-        elif method == "knn":
-            raw = memory.distance_map(encoder, x)
-        else:
-            raw = memory.fuse(seg, memory.distance_map(encoder, x))
-        return maps.gaussian_blur(raw.float()[:, None], smooth_sigma)[:, 0]
+class TrainedModels:
+    """Loads what a method needs for a model and category from ``models_root`` (each file once)."""
+
+    def __init__(self, params: Params, models_root: Path, device: torch.device) -> None:
+        self.params = params
+        self.root = Path(models_root)
+        self.device = device
+        self._cache: dict[tuple[str, Path], Any] = {}
+
+    def _get(self, kind: str, path: Path, load: Callable[[], Any]) -> Any:
+        if (kind, path) not in self._cache:
+            self._cache[(kind, path)] = load()
+        return self._cache[(kind, path)]
+
+    def mapper(self, method: str, model: str, category: str) -> AnomalyMapper:
+        """The method's map for ``model`` (an autoencoder, or ``pretrained``) and ``category``; a clear error names
+        what is missing and how to get it."""
+        params, device = self.params, self.device
+        parts = parts_of(method, params.evaluate)
+        ae = head = memory = pretrained = None
+        out_shape = (params.data.image_size, params.data.image_size)
+        if model != PRETRAINED:
+            path = find_checkpoint(self.root / model, category)
+            ae = self._get("ae", path, lambda: load_checkpoint(path, device, expect_model=model,
+                                                                 expect_image_size=params.data.image_size)).model
+            if "seg" in parts:
+                head_path = find_checkpoint(self.root / "heads" / model, category)
+                head = self._get("head", head_path, lambda: load_head(head_path, device))
+            if "knn" in parts:
+                bank_path = find_checkpoint(self.root / "banks" / model, category)
+                memory = self._get("bank", bank_path, lambda: load_encoder_bank(bank_path, device))
+        if "pretrained" in parts:
+            pre_path = self.root / "pretrained" / f"{category}.pt"
+            pretrained, meta = self._get("pretrained", pre_path, lambda: load_pretrained_bank(pre_path, device))
+            out_shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+        ev = params.evaluate
+        mapper = AnomalyMapper(parts, out_shape, ev.smooth_sigma, ev.ssim_window_sigma, params.pretrained.smooth_sigma,
+                               autoencoder=ae, head=head, memory=memory, pretrained=pretrained)
+        return mapper.to(device).eval()
 
 
-def require_components(checkpoint: Checkpoint, path: Path | str, method: str) -> None:
-    """A clear error when ``method`` needs a part the checkpoint was trained without."""
-    if method in HEAD_METHODS and checkpoint.head is None:
-        raise CheckpointError(f"{path}: has no segmentation head (trained with segmentation.steps: 0), which "
-                              f"method '{method}' needs; use another method, or retrain with segmentation.steps > 0 "
-                              "(dvc repro)")
-    if method in BANK_METHODS and checkpoint.memory is None:
-        raise CheckpointError(f"{path}: has no memory bank (trained with memory_bank.coreset_ratio: 0), which "
-                              f"method '{method}' needs; use another method, or retrain with "
-                              "memory_bank.coreset_ratio > 0 (dvc repro)")
+def require_trained(params: Params, method: str) -> None:
+    """A clear error when ``method`` needs a part these params do not train."""
+    missing = missing_components(params, method)
+    if missing:
+        raise CheckpointError(f"method '{method}' cannot be scored: {missing}")
+
+
+def category_inputs(mapper: AnomalyMapper, prepared: Split, with_masks: bool = False) -> tuple[Inputs, np.ndarray | None]:
+    """The images of one category's prepared split at each shape ``mapper`` needs (the autoencoder's from the
+    prepared cache, the pretrained bank's decoded from the files), and with ``with_masks`` the masks at the map's
+    shape."""
+    ae = prepared.images if mapper.needs_autoencoder_input else None
+    pre, masks = None, None
+    if mapper.needs_pretrained_input:
+        loaded = load_split(prepared.samples, mapper.out_shape, with_masks=with_masks)
+        pre, masks = loaded.images, loaded.masks
+    elif with_masks and prepared.masks is not None:
+        masks = np.asarray(prepared.masks, dtype=bool)
+    return Inputs(ae, pre), (None if masks is None else np.asarray(masks, dtype=bool))
+
+
+def score_category(mapper: AnomalyMapper, split: Split, params: Params, device: torch.device,
+                   keep: np.ndarray | None = None) -> CategoryResult:
+    """Score one category's test images; ``keep``: indices whose image (and reconstruction) the panels show."""
+    inputs, masks = category_inputs(mapper, split, with_masks=True)
+    autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
+    scored = score_inputs(mapper, inputs, params.evaluate.batch_size, device, autocast)
+    labels = np.array([smp.label for smp in split.samples], dtype=np.int64)
+    has_mask = np.array([smp.label == 0 or smp.mask_path is not None for smp in split.samples], dtype=bool)
+    result = CategoryResult(split.samples, labels, scored.scores, scored.maps, masks, has_mask)
+    if keep is not None and len(keep):
+        _keep_panel_images(result, mapper, inputs, keep, device)
+    return result
 
 
 @torch.inference_mode()
-def score_split_methods(checkpoint: Checkpoint, split: Split, methods: tuple[Method, ...], params: Params,
-                        device: torch.device, keep_recon: np.ndarray | None = None) -> dict[Method, CategoryResult]:
-    """Reconstruct every image of ``split`` once, in batches, and compute each method's maps and image scores
-    from that one forward pass.
-
-    ``keep_recon``: indices of images whose reconstruction is kept (for heatmap panels).
-    """
-    ev = params.evaluate
-    n, size = len(split.samples), split.images.shape[1]
-    out_maps = {m: np.empty((n, size, size), dtype=np.float32) for m in methods}
-    scores = {m: {k: np.empty(n, dtype=np.float64) for k in SCORE_NAMES} for m in methods}
-    keep = set() if keep_recon is None else set(int(i) for i in keep_recon)
-    recon_kept: dict[int, np.ndarray] = {}
-    model = checkpoint.model.to(memory_format=torch.channels_last)
-    head = None if checkpoint.head is None else checkpoint.head.to(memory_format=torch.channels_last)
-    memory = checkpoint.memory
-    autocast, _ = autocast_for(device, params.model.precision)
-    for s in range(0, n, ev.batch_size):
-        x = to_float(to_tensor(split.images[s : s + ev.batch_size], device))
-        with autocast:
-            recon = model(x).float()
-        for m in methods:
-            with autocast if m in HEAD_METHODS else nullcontext():  # memory distances stay in fp32
-                amap = anomaly_maps(m, x, recon, ev.smooth_sigma, ev.ssim_window_sigma, head, memory,
-                                    model.encoder).float()
-            # the map is already smoothed: score it as is (sigma 0 for 'max')
-            batch_scores = maps.image_scores(amap, smooth_sigma=0.0)
-            for k in SCORE_NAMES:
-                scores[m][k][s : s + len(x)] = batch_scores[k].double().cpu().numpy()
-            out_maps[m][s : s + len(x)] = amap.cpu().numpy()
-        for j in range(len(x)):
-            if s + j in keep:
-                recon_kept[s + j] = (recon[j].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
-    labels = np.array([smp.label for smp in split.samples], dtype=np.int64)
-    has_mask = np.array([smp.label == 0 or smp.mask_path is not None for smp in split.samples], dtype=bool)
-    masks = None if split.masks is None else np.asarray(split.masks, dtype=bool)
-    return {m: CategoryResult(split.samples, labels, scores[m], out_maps[m], masks, has_mask, recon_kept)
-            for m in methods}
+def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: Inputs, keep: np.ndarray,
+                       device: torch.device) -> None:
+    """The input images (at the map's shape) and, for maps of an autoencoder, its reconstructions."""
+    source = inputs.pretrained if inputs.pretrained is not None else inputs.autoencoder
+    for i in keep.tolist():
+        result.images[i] = np.asarray(source[i])
+    if mapper.autoencoder is not None and inputs.autoencoder is not None:
+        x = torch.from_numpy(np.ascontiguousarray(inputs.autoencoder[keep])).permute(0, 3, 1, 2).float().to(device)
+        recon = mapper.autoencoder(x / 255.0).float().clamp(0, 1)
+        for j, i in enumerate(keep.tolist()):
+            result.recon[i] = (recon[j].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
 
 
-def score_split(checkpoint: Checkpoint, split: Split, method: Method, params: Params, device: torch.device,
-                keep_recon: np.ndarray | None = None) -> CategoryResult:
-    """``score_split_methods`` for one method."""
-    return score_split_methods(checkpoint, split, (method,), params, device, keep_recon)[method]
-
-
-CALIBRATION_CORRUPTION = "perlin"
-
-
-def with_synthetic_defects(split: Split, seed: int) -> Split:
-    """A copy of ``split`` where every image carries a synthetic defect (Perlin blobs, seeded)."""
-    gen = torch.Generator().manual_seed(seed)
-    x = to_tensor(split.images, torch.device("cpu")).float() / 255.0
-    corrupted, _ = corrupt_batch(x, CALIBRATION_CORRUPTION, gen, probability=1.0)
-    images = (corrupted.permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    return Split([Sample(s.path, s.category, "synthetic", 1) for s in split.samples], images)
-
-
-def calibrate_on_validation(checkpoint: Checkpoint, val: Split, method: Method, params: Params,
-                            device: torch.device) -> Calibration:
+def calibrate_on_validation(mapper: AnomalyMapper, val: Inputs, params: Params, device: torch.device) -> Calibration:
     """Fit the threshold of the headline score on validation good images and their synthetic-defect copies."""
     score = params.evaluate.image_score
-    good = score_split(checkpoint, val, method, params, device).scores[score]
-    bad = score_split(checkpoint, with_synthetic_defects(val, params.model.seed + 7), method, params,
-                      device).scores[score]
+    autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
+    batch = params.evaluate.batch_size
+    good = score_inputs(mapper, val, batch, device, autocast).scores[score]
+    defective = with_synthetic_defects(val, params.model.seed + CALIBRATION_SEED_OFFSET)
+    bad = score_inputs(mapper, defective, batch, device, autocast).scores[score]
     return calibrate(good, bad)
 
 
+INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def bootstrap(result: CategoryResult, image_score: str, category: str, resamples: int) -> dict[str, np.ndarray]:
+    """Each interval metric's value on ``resamples`` bootstrap resamples of the category's test images (stratified,
+    seeded by the category's name so that the intervals are reproducible and independent of the other
+    categories); empty without both classes or with ``resamples`` 0."""
+    labels = result.labels
+    if resamples == 0 or labels.min() == labels.max():
+        return {}
+    counts = uncertainty.resample_counts(labels, resamples, seed=zlib.crc32(category.encode()))
+    masks = result.masks if result.masks is not None and (result.has_mask & (labels == 1)).any() else None
+    return uncertainty.resampled_metrics(labels, result.scores[image_score], counts, masks,
+                                         None if masks is None else result.maps, result.has_mask)
+
+
+def _interval(values: tuple[float, float] | None) -> list[float] | None:
+    return None if values is None else [float(values[0]), float(values[1])]
+
+
 def category_metrics(result: CategoryResult, image_score: str, category: str, log: Log,
-                     calibration: Calibration | None = None) -> dict[str, Any]:
-    """Image- and pixel-level metrics of one category; undefined ones are None, with the reason logged."""
+                     calibration: Calibration | None = None, resampled: dict[str, np.ndarray] | None = None,
+                     confidence: float = 0.95) -> dict[str, Any]:
+    """Image- and pixel-level metrics of one category, with the ``confidence`` intervals of ``resampled`` (see
+    :func:`bootstrap`); undefined ones are None, with the reason logged."""
     labels = result.labels
     headline = result.scores[image_score]
     n_good, n_bad = int((labels == 0).sum()), int((labels == 1).sum())
@@ -214,6 +226,10 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
         out["aupro"] = metrics.aupro(m, a)
     else:
         out["pixel_auroc"], out["aupro"] = None, None
+    for key in INTERVAL_METRICS:
+        values = (resampled or {}).get(key)
+        out[f"{key}_ci"] = None if values is None or out[key] is None else _interval(
+            uncertainty.interval(values, confidence))
     return out
 
 
@@ -225,8 +241,7 @@ def _mean(values: list[float | None]) -> float | None:
 def evaluate(params: Params, method: Method, models_root: Path, log: Log = print,
              heatmap_indices: Callable[[list[Sample]], np.ndarray] | None = None) -> Evaluation:
     """Score the test split with both models' checkpoints and compute all metrics and plot rows."""
-    configure_threads(params.model.num_threads)
-    device = select_device(params.model.device)
+    device = setup_compute(params.model)
     prepared = Path(params.data.prepared_dir)
     test = read_split(prepared, "test")
     val = read_split(prepared, "val")
@@ -237,29 +252,34 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
     missing = sorted(set(params.data.categories) - set(cats))
     if missing:
         raise DataError(f"{prepared / 'test.csv'}: no test images for {', '.join(missing)}; rerun prepare-split")
-    score = params.evaluate.image_score
+    require_trained(params, method)
+    ev_params = params.evaluate
+    score = ev_params.image_score
     ev = Evaluation(metrics={"method": method, "image_score": score})
-    for model_name in MODEL_NAMES:
-        model_dir = models_root / model_name
+    trained = TrainedModels(params, models_root, device)
+    autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
+    for model_name in models_of(method, params.evaluate):
         per_cat: dict[str, Any] = {}
         ev.results[model_name] = {}
         ev.calibration[model_name] = {}
+        ev.fusion[model_name] = {}
         pooled_labels, pooled_scores = [], []
-        loaded: dict[Path, Checkpoint] = {}
+        resampled: dict[str, dict[str, np.ndarray]] = {}
         for cat in cats:
-            path = find_checkpoint(model_dir, cat)
-            if path not in loaded:  # a joint model serves every category: load it once
-                loaded[path] = load_checkpoint(path, device, expect_model=model_name, expect_image_size=size)
-                require_components(loaded[path], path, method)
-            ckpt = loaded[path]
+            mapper = trained.mapper(method, model_name, cat)
             split = test.select([cat])
+            val_inputs, _ = category_inputs(mapper, val.select([cat]))
+            if len(mapper.parts) > 1:
+                mapper.fusion.copy_(fusion_statistics(mapper, val_inputs, params.evaluate.batch_size, device, autocast))
+                ev.fusion[model_name][cat] = mapper.fusion.tolist()
             keep = heatmap_indices(split.samples) if heatmap_indices else None
             log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")
-            result = score_split(ckpt, split, method, params, device, keep_recon=keep)
-            cal = calibrate_on_validation(ckpt, val.select([cat]), method, params, device)
+            result = score_category(mapper, split, params, device, keep=keep)
+            cal = calibrate_on_validation(mapper, val_inputs, params, device)
             ev.results[model_name][cat] = result
             ev.calibration[model_name][cat] = cal
-            per_cat[cat] = category_metrics(result, score, cat, log, cal)
+            resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples)
+            per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
             if "calibration_warning" in per_cat[cat]:
                 log(f"warning: [{method}] {model_name}/{cat}: {per_cat[cat]['calibration_warning']}")
             pooled_labels.append(result.labels)
@@ -274,6 +294,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             "calibrated_f1": _mean([m["calibrated"]["f1"] for m in per_cat.values() if m["f1_max"] is not None]),
             "pixel_auroc": _mean([m["pixel_auroc"] for m in per_cat.values()]),
             "aupro": _mean([m["aupro"] for m in per_cat.values()]),
+            **{f"{key}_ci": _interval(uncertainty.mean_interval(
+                [r[key] for r in resampled.values() if key in r], ev_params.confidence)) for key in INTERVAL_METRICS},
             "image_auroc_by_score": {
                 k: _mean([m["image_auroc_by_score"][k] for m in per_cat.values()]) for k in SCORE_NAMES
             },
@@ -287,6 +309,27 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
         log(f"[{method}] {model_name}: image AUROC {_fmt(summary['image_auroc'])}  pixel AUROC "
             f"{_fmt(summary['pixel_auroc'])}  AUPRO {_fmt(summary['aupro'])}")
     return ev
+
+
+HEADLINE_KEYS = ("image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "f1")
+
+
+def headline(summary: dict[str, Any] | None) -> dict[str, float | None]:
+    """The few numbers of a model's results that ``dvc metrics show`` lists: image AUROC with its interval, pixel
+    AUROC, AUPRO and ``f1``, the F1 of the calibrated threshold (means over categories; None where undefined or not
+    computed)."""
+    summary = summary or {}
+    ci = summary.get("image_auroc_ci") or [None, None]
+    values = {"image_auroc": summary.get("image_auroc"), "image_auroc_low": ci[0], "image_auroc_high": ci[1],
+              "pixel_auroc": summary.get("pixel_auroc"), "aupro": summary.get("aupro"),
+              "f1": summary.get("calibrated_f1")}
+    return {k: None if v is None else round(float(v), 4) for k, v in values.items()}
+
+
+def headline_name(method: str, model: str) -> str:
+    """File name of a map's headline metrics for one model: ``<method>-<model>.json`` (``pretrained.json`` for the
+    pretrained map, which has no autoencoder)."""
+    return f"{method}.json" if model == PRETRAINED else f"{method}-{model}.json"
 
 
 def _fmt(value: float | None) -> str:
@@ -304,10 +347,11 @@ def _append_rows(ev: Evaluation, model: str, cat: str, result: CategoryResult, m
         precision, recall, _ = metrics.precision_recall_curve(labels, s)
         rx, ry = metrics.thin_curve(recall, precision, points)
         ev.pr_rows += [{"model": model, "category": cat, "recall": a, "precision": b} for a, b in zip(rx, ry)]
+    ci = m["image_auroc_ci"] or ["", ""]
     ev.category_rows.append({
         "model": model, "category": cat,
-        "image_auroc": _csv(m["image_auroc"]), "pr_auc": _csv(m["pr_auc"]),
-        "pixel_auroc": _csv(m["pixel_auroc"]), "aupro": _csv(m["aupro"]),
+        "image_auroc": _csv(m["image_auroc"]), "image_auroc_low": ci[0], "image_auroc_high": ci[1],
+        "pr_auc": _csv(m["pr_auc"]), "pixel_auroc": _csv(m["pixel_auroc"]), "aupro": _csv(m["aupro"]),
     })
     for i, smp in enumerate(result.samples):
         ev.score_rows.append({
@@ -321,17 +365,28 @@ def _csv(value: float | None) -> Any:
     return "" if value is None else value
 
 
-def calibration_record(params: Params, method: Method, calibration: dict[str, dict[str, Calibration]]) -> dict[str, Any]:
+def calibration_record(params: Params, method: Method, calibration: dict[str, dict[str, Calibration]],
+                       fusion: dict[str, dict[str, list[list[float]]]] | None = None) -> dict[str, Any]:
     """What a deployed model needs to turn its maps into a verdict: the scoring recipe and, per model and
-    category, the validation-fitted threshold and normalisation range."""
+    category, the validation-fitted threshold and normalisation range (and the fused map's statistics)."""
     ev = params.evaluate
+    fusion = fusion or {}
+    models: dict[str, Any] = {}
+    for m, per in calibration.items():
+        models[m] = {}
+        for c, cal in per.items():
+            models[m][c] = cal.to_dict()
+            if fusion.get(m, {}).get(c) is not None:
+                models[m][c]["fusion"] = fusion[m][c]
     return {
         "method": method,
+        "parts": list(parts_of(method, ev)),
         "image_score": ev.image_score,
         "smooth_sigma": ev.smooth_sigma,
         "ssim_window_sigma": ev.ssim_window_sigma,
+        "pretrained_smooth_sigma": params.pretrained.smooth_sigma,
         "image_size": params.data.image_size,
-        "models": {m: {c: cal.to_dict() for c, cal in per.items()} for m, per in calibration.items()},
+        "models": models,
     }
 
 

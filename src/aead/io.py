@@ -66,6 +66,15 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
 
 
+def write_metrics(folder: str | Path, name: str, headline: dict[str, Any] | None, details: dict[str, Any]) -> None:
+    """A stage's metrics: the few headline numbers that ``dvc metrics show`` and ``diff`` list, in
+    ``<folder>/<name>.json`` (none for the data and export stages), and everything it measured (per category,
+    timings) in ``<folder>/details/<name>.json``, which DVC keeps with the run but does not list."""
+    if headline is not None:
+        write_json(Path(folder) / f"{name}.json", headline)
+    write_json(Path(folder) / "details" / f"{name}.json", details)
+
+
 def write_csv(path: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
     """Write ``rows`` (dicts) with a header of ``columns``; floats are written with 6 significant digits."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:

@@ -1,52 +1,65 @@
-"""Building the PatchCore-style memory bank of a trained autoencoder (both training stages, after the head).
+"""Memory banks of defect-free patch features (PatchCore, Roth et al., CVPR 2022): on this project's own encoder
+(stages ``build-bank@<model>``) and on a frozen ImageNet backbone (stage ``build-pretrained-bank``).
 
-The bank holds patch features of the defect-free training images (:func:`aead.torch_model.patch_features`),
-thinned by greedy coreset selection (k-center: each new patch is the one farthest from those already chosen), so
-that it covers the training patches with a share ``memory_bank.coreset_ratio`` of them. The distances are
-measured on a seeded random projection to :data:`PROJECTION_DIM` dimensions, as PatchCore does, which makes the
-selection several times faster at nearly the same coverage.
-
-The fusion statistics are measured on the validation images, never on test images: for the distance map and for
-the head's probability map, the mean over validation pixels and the *peak scale*, how far above that mean a
-defect-free image's highest pixel lies (the mean over validation images of the per-image maximum, minus the pixel
-mean). Dividing by the peak scale puts the two maps' peaks on one scale, where the image score (the maximum of the
-map) is read. A standard deviation over all pixels would not: the head's map is near 0 almost everywhere, so its
-small standard deviation let its rare peaks outweigh the distance map.
+Every training patch's features are collected, then a coreset of them is kept: ``coreset_ratio`` of the patches, at
+most ``max_bank_size``. The ``greedy`` coreset is k-center selection (each new patch is the one farthest from those
+already chosen), measured on a seeded random projection to :data:`PROJECTION_DIM` dimensions as PatchCore does; it
+costs O(N x k) for N patches and k chosen, so the bound on k keeps it linear in N. ``random`` draws the patches
+uniformly (O(N)). The size bound also keeps the exact nearest-neighbour search of the scoring linear in the number of
+test images (:func:`aead.torch_model.nearest_distance`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aead.data import to_float, to_tensor
-from aead.params import MemoryBankParams, ModelParams
-from aead.torch_model import PatchMemory, patch_features
+from aead import io
+from aead.backbones import build_backbone
+from aead.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
+from aead.data import Sample, Shape, category_shape, load_split, read_manifest, read_split, to_float, to_tensor
+from aead.errors import DataError
+from aead.params import Params, PretrainedParams
+from aead.torch_model import PatchMemory, PretrainedPatchMemory, patch_features
+from aead.training import setup_compute
 
 PROJECTION_DIM = 32
-SCALE_FLOOR = 1e-6  # a constant map (peak scale 0) must not divide by zero
+CORESET_METHODS = ("greedy", "random")
 Log = Callable[[str], None]
 
 
 @dataclass
-class MemoryResult:
-    """The built memory and how it was built."""
+class BankStats:
+    """How a bank was built: training patches seen, patches kept, seconds, and images per second."""
 
-    memory: PatchMemory
+    images: int
     patches: int
+    bank_size: int
     seconds: float
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"images": self.images, "patches": self.patches, "bank_size": self.bank_size,
+                "build_seconds": round(self.seconds, 2),
+                "build_images_per_second": round(self.images / self.seconds, 2) if self.seconds > 0 else 0.0}
+
+
+def coreset_size(patches: int, ratio: float, max_size: int) -> int:
+    """How many of ``patches`` a bank keeps: ``ratio`` of them, at least 1 and at most ``max_size``."""
+    return max(1, min(round(ratio * patches), max_size, patches))
 
 
 def greedy_coreset(features: Tensor, size: int, seed: int) -> Tensor:
     """Indices of ``size`` rows of ``features`` (N, C) chosen by greedy k-center selection on a random
-    projection, starting from a seeded random row. Deterministic given ``seed``."""
+    projection, starting from a seeded random row. Deterministic given ``seed``; O(N x size)."""
     n = features.shape[0]
     if not 1 <= size <= n:
         raise ValueError(f"coreset size must be between 1 and {n}, got {size}")
@@ -56,69 +69,154 @@ def greedy_coreset(features: Tensor, size: int, seed: int) -> Tensor:
     x = features.float()
     if x.shape[1] > PROJECTION_DIM:
         x = x @ torch.randn(x.shape[1], PROJECTION_DIM, generator=gen)
+    x = x.contiguous()
     sq = (x * x).sum(1)
     chosen = torch.empty(size, dtype=torch.long)
     chosen[0] = torch.randint(n, (1,), generator=gen)
     nearest = torch.full((n,), float("inf"))
+    step = torch.empty(n)
     for i in range(1, size):
         c = x[chosen[i - 1]]
-        nearest = torch.minimum(nearest, sq - 2.0 * (x @ c) + c @ c)
+        torch.addmv(sq, x, c, alpha=-2.0, out=step)  # |x - c|^2 - |c|^2: the same ranking, one pass
+        torch.minimum(nearest, step + c @ c, out=nearest)
         chosen[i] = torch.argmax(nearest)
     return chosen
 
 
-def mean_and_peak_scale(maps: Tensor) -> tuple[Tensor, Tensor]:
-    """Of (N, P) per-image maps of defect-free images: the mean over all pixels, and the peak scale, the mean over
-    images of the per-image maximum minus that mean (at least :data:`SCALE_FLOOR`), in float64."""
-    m = maps.double()
-    mean = m.mean()
-    return mean, (m.max(dim=1).values.mean() - mean).clamp_min(SCALE_FLOOR)
+def select_coreset(features: Tensor, method: str, ratio: float, max_size: int, seed: int) -> Tensor:
+    """Indices of the rows of ``features`` a bank keeps (see the module docstring), in increasing order for
+    ``random`` and in order of selection for ``greedy``."""
+    size = coreset_size(features.shape[0], ratio, max_size)
+    if method == "greedy":
+        return greedy_coreset(features, size, seed)
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randperm(features.shape[0], generator=gen)[:size].sort().values
+    raise ValueError(f"unknown coreset method {method!r}; use one of {', '.join(CORESET_METHODS)}")
 
 
-def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterable[Tensor]:
     """Float NCHW batches of uint8 NHWC ``images``, one at a time (the images may be memory-mapped)."""
     for s in range(0, len(images), batch_size):
         yield to_float(to_tensor(images[s : s + batch_size], device))
 
 
-@torch.inference_mode()
-def build_memory(autoencoder: nn.Module, head: nn.Module | None, train_images: np.ndarray, val_images: np.ndarray,
-                 bank: MemoryBankParams, params: ModelParams, device: torch.device,
-                 autocast: AbstractContextManager[Any] | None = None, batch_size: int = 32, log: Log = print,
-                 tag: str = "") -> MemoryResult:
-    """The memory bank of ``autoencoder``'s encoder over ``train_images`` (uint8 NHWC), and its fusion statistics
-    on ``val_images`` (with the segmentation ``head``'s map; without a head the seg statistics stay 0 and 1).
+def _collect(extract: Callable[[Tensor], Tensor], batches: Iterable[Tensor]) -> tuple[Tensor, int]:
+    """Every patch's features (N, C) on the CPU, and the number of images they came from."""
+    parts, images = [], 0
+    for x in batches:
+        f = extract(x)
+        parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu())
+        images += x.shape[0]
+    return torch.cat(parts), images
 
-    ``autocast``: the context the autoencoder and head run in, as in evaluation (the distances are fp32)."""
-    autocast = nullcontext() if autocast is None else autocast
+
+@torch.inference_mode()
+def build_encoder_bank(encoder: nn.Module, train_images: np.ndarray, feature_size: int, border_padding: int,
+                       method: str, ratio: float, max_size: int, seed: int, device: torch.device,
+                       batch_size: int = 32, log: Log = print, tag: str = "") -> tuple[PatchMemory, BankStats]:
+    """The memory bank of a trained ``encoder``'s patch features over ``train_images`` (uint8 NHWC)."""
     start = time.perf_counter()
-    autoencoder = autoencoder.to(device).eval()
-    encoder = autoencoder.encoder
-    feats = torch.cat([patch_features(encoder, x, bank.feature_size, bank.border_padding)
-                       .permute(0, 2, 3, 1).flatten(0, 2).cpu() for x in _batches(train_images, batch_size, device)])
-    size = max(1, round(bank.coreset_ratio * feats.shape[0]))
-    chosen = greedy_coreset(feats, size, seed=params.seed + 5)
-    memory = PatchMemory(size, feats.shape[1], bank.feature_size, bank.border_padding)
+    encoder = encoder.to(device).eval()
+    feats, n_images = _collect(lambda x: patch_features(encoder, x, feature_size, border_padding),
+                               _batches(train_images, batch_size, device))
+    chosen = select_coreset(feats, method, ratio, max_size, seed)
+    memory = PatchMemory(len(chosen), feats.shape[1], feature_size, border_padding)
     memory.bank.copy_(feats[chosen])
-    memory = memory.to(device)
-    if len(val_images) == 0:
-        raise ValueError(f"{tag}: the memory bank's fusion statistics need validation images")
-    if head is not None:
-        head = head.to(device).eval()
-    distances, probabilities = [], []
-    for x in _batches(val_images, batch_size, device):
-        distances.append(memory.distance_map(encoder, x).flatten(1).cpu())
-        if head is not None:
-            with autocast:
-                recon = autoencoder(x).float()
-                probabilities.append(torch.sigmoid(head(x, recon).float()).flatten(1).cpu())
-    stats = list(mean_and_peak_scale(torch.cat(distances)))
-    if probabilities:
-        stats += list(mean_and_peak_scale(torch.cat(probabilities)))
-    else:
-        stats += [torch.tensor(0.0), torch.tensor(1.0)]
-    memory.fusion.copy_(torch.stack(stats).float())
-    seconds = time.perf_counter() - start
-    log(f"[{tag}] memory bank: {size} of {feats.shape[0]} training patches ({bank.feature_size}x"
-        f"{bank.feature_size} per image, {feats.shape[1]} channels), {seconds:.1f} s")
-    return MemoryResult(memory=memory.cpu(), patches=int(feats.shape[0]), seconds=seconds)
+    stats = BankStats(n_images, int(feats.shape[0]), len(chosen), time.perf_counter() - start)
+    log(f"[{tag}] memory bank: {stats.bank_size} of {stats.patches} training patches ({feature_size}x{feature_size} "
+        f"per image, {feats.shape[1]} channels, {method} coreset), {stats.seconds:.1f} s")
+    return memory, stats
+
+
+@torch.inference_mode()
+def fill_pretrained_bank(memory: PretrainedPatchMemory, train_images: np.ndarray, method: str, ratio: float,
+                         max_size: int, seed: int, device: torch.device, batch_size: int = 8, log: Log = print,
+                         tag: str = "") -> tuple[PretrainedPatchMemory, BankStats]:
+    """``memory`` (a backbone with an empty bank) with its bank filled from ``train_images`` (uint8 NHWC, already
+    at the working shape)."""
+    start = time.perf_counter()
+    memory = memory.to(device).eval()
+    feats, n_images = _collect(memory.features, _batches(train_images, batch_size, device))
+    chosen = select_coreset(feats, method, ratio, max_size, seed)
+    filled = PretrainedPatchMemory(memory.backbone, memory.layers, memory.neighbourhood, len(chosen), feats.shape[1],
+                                   memory.padding)
+    filled.bank.copy_(feats[chosen])
+    stats = BankStats(n_images, int(feats.shape[0]), len(chosen), time.perf_counter() - start)
+    log(f"[{tag}] pretrained bank: {stats.bank_size} of {stats.patches} training patches ({feats.shape[1]} channels, "
+        f"{method} coreset), {stats.seconds:.1f} s")
+    return filled.cpu(), stats
+
+
+def build_banks_and_save(params: Params, model_name: str, models_root: Path, out_dir: Path,
+                         log: Log = print) -> dict[str, Any]:
+    """The memory bank of each of ``model_name``'s trained autoencoders (``models_root/<model>/``), written into
+    ``out_dir`` (replaced whole, atomically), one file per autoencoder checkpoint. Returns the metrics."""
+    bank = params.memory_bank
+    if bank.coreset_ratio == 0:
+        with io.atomic_dir(out_dir):
+            pass
+        log(f"memory_bank.coreset_ratio is 0: no memory bank for {model_name}")
+        return {"note": "memory_bank.coreset_ratio is 0: no memory bank is built"}
+    device = setup_compute(params.model)
+    train_split = read_split(Path(params.data.prepared_dir), "train")
+    metrics: dict[str, Any] = {"device": str(device), "categories": {}}
+    done: set[Path] = set()
+    with io.atomic_dir(out_dir) as tmp_dir:
+        for category in params.data.categories:
+            path = find_checkpoint(models_root / model_name, category)
+            if path in done:
+                continue
+            done.add(path)
+            checkpoint = load_checkpoint(path, device, expect_model=model_name,
+                                         expect_image_size=params.data.image_size)
+            memory, stats = build_encoder_bank(
+                checkpoint.model.encoder, train_split.select(checkpoint.categories).images, bank.feature_size,
+                bank.border_padding, bank.coreset_method, bank.coreset_ratio, bank.max_bank_size,
+                params.model.seed + 5, device, log=log, tag=f"{model_name}/{path.stem}")
+            save_encoder_bank(tmp_dir / path.name, memory,
+                              {**dataclasses.asdict(bank), "model": model_name, "categories": checkpoint.categories,
+                               "autoencoder_sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+            metrics["categories"][path.stem] = stats.to_dict()
+    metrics["bank_size"] = int(sum(m["bank_size"] for m in metrics["categories"].values()))
+    return metrics
+
+
+def pretrained_memory(pretrained: PretrainedParams, bank_size: int = 0, channels: int = 0) -> PretrainedPatchMemory:
+    """A pretrained memory for these params: the backbone with its packaged weights and an empty bank."""
+    return PretrainedPatchMemory(build_backbone(pretrained.backbone), pretrained.layers, pretrained.neighbourhood,
+                                 bank_size, channels, pretrained.border_padding)
+
+
+def pretrained_shape(memory: PretrainedPatchMemory, image_size: int, train_samples: list[Sample]) -> Shape:
+    """The working shape of a category for the pretrained map: aspect ratio kept, short side ``image_size``, both
+    sides a multiple of the deepest chosen layer's stride."""
+    multiple = max(memory.backbone.stride(name) for name in memory.layers)
+    return category_shape(train_samples, image_size, multiple)
+
+
+def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = print) -> dict[str, Any]:
+    """The pretrained memory bank of every category (``pretrained.*``) over its training images, decoded from the
+    prepared manifests at the category's working shape, written into ``out_dir`` (replaced whole, atomically)."""
+    device = setup_compute(params.model)
+    pre = params.pretrained
+    train_split = read_manifest(Path(params.data.prepared_dir), "train")
+    empty = pretrained_memory(pre)
+    metrics: dict[str, Any] = {"device": str(device), "backbone": pre.backbone, "categories": {}}
+    with io.atomic_dir(out_dir) as tmp_dir:
+        for category in params.data.categories:
+            samples = [s for s in train_split if s.category == category]
+            if not samples:
+                raise DataError(f"{params.data.prepared_dir}/train.csv: no training images of category "
+                                f"'{category}'; rerun prepare-split (dvc repro)")
+            shape = pretrained_shape(empty, pre.image_size, samples)
+            log(f"[pretrained/{category}] decoding {len(samples)} training images at {shape[0]}x{shape[1]}")
+            images = load_split(samples, shape, with_masks=False).images
+            memory, stats = fill_pretrained_bank(empty, images, pre.coreset_method, pre.coreset_ratio,
+                                                 pre.max_bank_size, pre.seed, device, pre.batch_size, log=log,
+                                                 tag=f"pretrained/{category}")
+            save_pretrained_bank(tmp_dir / f"{category}.pt", memory,
+                                 {**dataclasses.asdict(pre), "shape": list(shape), "categories": [category]})
+            metrics["categories"][category] = {"shape": list(shape), **stats.to_dict()}
+    metrics["bank_size"] = int(sum(m["bank_size"] for m in metrics["categories"].values()))
+    return metrics

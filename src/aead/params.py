@@ -18,10 +18,19 @@ from aead.errors import ParamsError
 
 ModelName = Literal["baseline", "multiscale"]
 MODEL_NAMES: tuple[str, ...] = ("baseline", "multiscale")
-MethodName = Literal["l1", "ssim", "seg", "knn", "fused"]
+PartName = Literal["l1", "ssim", "seg", "knn", "pretrained"]
+PARTS: tuple[str, ...] = typing.get_args(PartName)  # the single maps; 'fused' sums some of them
+MethodName = Literal["l1", "ssim", "seg", "knn", "pretrained", "fused"]
 METHODS: tuple[str, ...] = typing.get_args(MethodName)  # the anomaly maps (one evaluation stage each)
-HEAD_METHODS: tuple[str, ...] = ("seg", "fused")  # the maps computed with the segmentation head
-BANK_METHODS: tuple[str, ...] = ("knn", "fused")  # the maps computed with the memory bank
+AUTOENCODER_PARTS: tuple[str, ...] = ("l1", "ssim", "seg", "knn")  # the maps computed from an autoencoder
+PRETRAINED = "pretrained"  # the model name under which the pretrained map's results are reported
+CoresetMethod = Literal["greedy", "random"]
+# The pretrained backbones and the layers a user may choose (aead.backbones builds them; a test checks they agree)
+BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": tuple(f"blocks.{i}" for i in range(16)),
+    "resnet18": ("layer1", "layer2", "layer3", "layer4"),
+    "wide_resnet50_2": ("layer1", "layer2", "layer3", "layer4"),
+}
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class ModelParams:
     seed: int
     device: Literal["auto", "cpu", "cuda"]
     precision: Literal["auto", "fp32", "bf16"]
+    deterministic: bool
     num_threads: int
     launcher: str
     flip_rotate: tuple[str, ...]
@@ -143,19 +153,28 @@ class SegmentationParams:
                               f"(the head needs images with and without defects), got {self.corruption_probability!r}")
 
 
+def _check_coreset(section: str, ratio: float, max_bank_size: int, allow_zero: bool) -> None:
+    """A coreset ratio in [0, 1] (0 only where it means "no bank") and a positive bank size bound."""
+    if allow_zero and not 0.0 <= ratio <= 1.0:
+        raise ParamsError(f"{section}.coreset_ratio: expected a number from 0 (no memory bank) to 1 (keep every "
+                          f"patch), got {ratio!r}")
+    if not allow_zero and not 0.0 < ratio <= 1.0:
+        raise ParamsError(f"{section}.coreset_ratio: expected a number above 0 and at most 1, got {ratio!r}")
+    _at_least(f"{section}.max_bank_size", max_bank_size, 1)
+
+
 @dataclass(frozen=True)
 class MemoryBankParams:
-    """The PatchCore-style memory bank of encoder patch features built after each autoencoder (both training
-    stages)."""
+    """The PatchCore-style memory bank of encoder patch features (stages ``build-bank@<model>``)."""
 
     coreset_ratio: float
+    coreset_method: CoresetMethod
+    max_bank_size: int
     feature_size: int
     border_padding: int
 
     def check(self, image_size: int) -> None:
-        if not 0.0 <= self.coreset_ratio <= 1.0:
-            raise ParamsError(f"memory_bank.coreset_ratio: expected a number from 0 (no memory bank) to 1 (keep every "
-                              f"patch), got {self.coreset_ratio!r}")
+        _check_coreset("memory_bank", self.coreset_ratio, self.max_bank_size, allow_zero=True)
         _at_least("memory_bank.feature_size", self.feature_size, 1)
         if self.feature_size > image_size:
             raise ParamsError(f"memory_bank.feature_size: expected at most data.image_size ({image_size}), "
@@ -168,6 +187,49 @@ class MemoryBankParams:
 
 
 @dataclass(frozen=True)
+class PretrainedParams:
+    """PatchCore on a frozen ImageNet backbone (stage ``build-pretrained-bank``, map ``pretrained``)."""
+
+    backbone: str
+    layers: tuple[str, ...]
+    image_size: int
+    border_padding: int
+    neighbourhood: int
+    coreset_ratio: float
+    coreset_method: CoresetMethod
+    max_bank_size: int
+    smooth_sigma: float
+    batch_size: int
+    seed: int
+
+    def check(self) -> None:
+        if self.backbone not in BACKBONE_LAYERS:
+            raise ParamsError(f"pretrained.backbone: expected one of {', '.join(BACKBONE_LAYERS)}, "
+                              f"got {self.backbone!r}")
+        if not self.layers:
+            raise ParamsError("pretrained.layers: expected a non-empty list of layer names")
+        valid = BACKBONE_LAYERS[self.backbone]
+        unknown = [name for name in self.layers if name not in valid]
+        if unknown:
+            raise ParamsError(f"pretrained.layers: {', '.join(map(repr, unknown))} not a layer of {self.backbone}; "
+                              f"expected some of {', '.join(valid)}")
+        _unique("pretrained.layers", self.layers, what="layer")
+        _at_least("pretrained.image_size", self.image_size, 32)
+        _at_least("pretrained.border_padding", self.border_padding, 0)
+        if self.border_padding >= self.image_size:
+            raise ParamsError(f"pretrained.border_padding: expected less than pretrained.image_size "
+                              f"({self.image_size}) (a mirrored border cannot be wider than the image), "
+                              f"got {self.border_padding}")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ParamsError(f"pretrained.neighbourhood: expected an odd whole number >= 1 (patches averaged over "
+                              f"k x k around each position), got {self.neighbourhood}")
+        _check_coreset("pretrained", self.coreset_ratio, self.max_bank_size, allow_zero=False)
+        if self.smooth_sigma < 0:
+            raise ParamsError(f"pretrained.smooth_sigma: expected a number >= 0, got {self.smooth_sigma!r}")
+        _at_least("pretrained.batch_size", self.batch_size, 1)
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Scoring and reporting options of the evaluation stages."""
 
@@ -177,6 +239,9 @@ class EvaluateParams:
     batch_size: int
     heatmaps_per_type: int
     curve_points: int
+    fused: tuple[PartName, ...]
+    bootstrap_resamples: int
+    confidence: float
 
     def check(self) -> None:
         if self.smooth_sigma < 0:
@@ -186,6 +251,17 @@ class EvaluateParams:
         _at_least("evaluate.batch_size", self.batch_size, 1)
         _at_least("evaluate.heatmaps_per_type", self.heatmaps_per_type, 0)
         _at_least("evaluate.curve_points", self.curve_points, 10)
+        _at_least("evaluate.bootstrap_resamples", self.bootstrap_resamples, 0)
+        if not 0.5 <= self.confidence < 1.0:
+            raise ParamsError(f"evaluate.confidence: expected a level from 0.5 to below 1 (e.g. 0.95), "
+                              f"got {self.confidence!r}")
+        if len(self.fused) < 2:
+            raise ParamsError(f"evaluate.fused: expected at least two of {', '.join(PARTS)} (the maps the fused map "
+                              f"sums), got {list(self.fused)}")
+        _unique("evaluate.fused", self.fused, what="map")
+        if not set(self.fused) & set(AUTOENCODER_PARTS):
+            raise ParamsError("evaluate.fused: the fused map is reported per autoencoder, so it needs one of "
+                              f"{', '.join(AUTOENCODER_PARTS)}; the pretrained map alone is method 'pretrained'")
 
 
 @dataclass(frozen=True)
@@ -206,6 +282,7 @@ class Params:
     multiscale: ArchParams
     segmentation: SegmentationParams
     memory_bank: MemoryBankParams
+    pretrained: PretrainedParams
     evaluate: EvaluateParams
     export: ExportParams
     source: Path = field(default=Path("params.yaml"), compare=False)
@@ -252,6 +329,7 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
     params.multiscale.check("multiscale")
     params.segmentation.check()
     params.memory_bank.check(params.data.image_size)
+    params.pretrained.check()
     params.evaluate.check()
     missing = missing_components(params, params.export.method)
     if missing:
@@ -273,11 +351,24 @@ def _check_flip_rotate(model: ModelParams, data: DataParams) -> None:
                           "list all of data.categories or none")
 
 
+def parts_of(method: str, evaluate: EvaluateParams) -> tuple[str, ...]:
+    """The single maps ``method`` is made of: itself, or for ``fused`` the maps of ``evaluate.fused``."""
+    return tuple(evaluate.fused) if method == "fused" else (method,)
+
+
+def models_of(method: str, evaluate: EvaluateParams) -> tuple[str, ...]:
+    """The models ``method`` is reported for: each autoencoder when a part needs one, else the pretrained bank."""
+    if set(parts_of(method, evaluate)) & set(AUTOENCODER_PARTS):
+        return MODEL_NAMES
+    return (PRETRAINED,)
+
+
 def missing_components(params: Params, method: str) -> str | None:
     """Why ``method``'s map cannot be computed with these params (what is not trained), or None."""
-    if method in HEAD_METHODS and params.segmentation.steps == 0:
+    parts = parts_of(method, params.evaluate)
+    if "seg" in parts and params.segmentation.steps == 0:
         return "segmentation.steps is 0, so no segmentation head is trained"
-    if method in BANK_METHODS and params.memory_bank.coreset_ratio == 0:
+    if "knn" in parts and params.memory_bank.coreset_ratio == 0:
         return "memory_bank.coreset_ratio is 0, so no memory bank is built"
     return None
 
@@ -354,7 +445,7 @@ def _non_empty_unique(key: str, values: tuple[str, ...]) -> None:
     _unique(key, values)
 
 
-def _unique(key: str, values: tuple[str, ...]) -> None:
+def _unique(key: str, values: tuple[str, ...], what: str = "category") -> None:
     dupes = sorted({v for v in values if values.count(v) > 1})
     if dupes:
-        raise ParamsError(f"{key}: category listed more than once: {', '.join(dupes)}")
+        raise ParamsError(f"{key}: {what} listed more than once: {', '.join(dupes)}")

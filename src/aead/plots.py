@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from aead import io  # noqa: E402
 
@@ -68,53 +69,68 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-class HeatmapPanels:
-    """Writes heatmap panels, one PNG each: input, reconstruction, anomaly map, map over input, ground-truth mask.
+NORMALISED_LABEL = "normalised score (0.5 = calibrated threshold)"
+TILE = 192  # displayed tile height in pixels
 
-    One figure is drawn once and updated for every panel: a fresh figure per panel took 0.20 s, the update
-    0.06 s (development CPU, 64 px), which matters with 32 panels in each of four evaluation stages."""
+
+class HeatmapPanels:
+    """Writes heatmap panels, one PNG each: the input, the reconstruction (for maps of an autoencoder), the anomaly
+    map on the normalised score scale (0 = lowest validation score, 0.5 = the calibrated threshold, 1 = highest
+    validation score; clipped) with its colour bar, the map over the input, and the ground-truth mask; the title
+    gives the image score, the threshold and the verdict.
+
+    Drawn with Pillow rather than matplotlib: 0.02 s a panel instead of 0.16 s (measured on the development CPU),
+    which matters with dozens of panels in each evaluation stage."""
 
     def __init__(self) -> None:
-        self._fig, axes = plt.subplots(1, 5, figsize=(14, 3.2))
-        rgb, gray = np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2), np.float32)
-        self._axes = axes
-        self._input = axes[0].imshow(rgb)
-        self._recon = axes[1].imshow(rgb)
-        self._map = axes[2].imshow(gray, cmap="jet")
-        self._bar = self._fig.colorbar(self._map, ax=axes[2], fraction=0.046)
-        self._under = axes[3].imshow(rgb)
-        self._over = axes[3].imshow(gray, cmap="jet", alpha=0.45)
-        self._mask = axes[4].imshow(gray, cmap="gray", vmin=0, vmax=1)
-        self._no_mask = axes[4].text(0.5, 0.5, "no mask", ha="center", va="center", transform=axes[4].transAxes)
-        for ax, name in zip(axes, ("input", "reconstruction", "anomaly map", "overlay", "ground truth")):
-            ax.set_title(name)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        self._title = self._fig.suptitle("", fontsize=10)
-        self._fig.tight_layout()
+        colours = matplotlib.colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3]
+        self._lut = (colours * 255).round().astype(np.uint8)
+        self._font = ImageFont.load_default(size=13)
+        self._small = ImageFont.load_default(size=11)
 
-    def write(self, path: Path, image: np.ndarray, recon: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
-              title: str, vmax: float, vmin: float = 0.0) -> None:
-        """One panel; the map's colour scale spans ``vmin`` to ``vmax``."""
-        h, w = amap.shape
-        extent = (-0.5, w - 0.5, h - 0.5, -0.5)
-        layers = [(self._input, image), (self._recon, recon), (self._map, amap), (self._under, image),
-                  (self._over, amap)]
-        if mask is not None:
-            layers.append((self._mask, mask))
-        for im, data in layers:
-            im.set_data(data)
-            im.set_extent(extent)
-        for ax in self._axes:
-            ax.set_xlim(extent[0], extent[1])
-            ax.set_ylim(extent[2], extent[3])
-        self._map.set_clim(vmin, vmax)
-        self._over.set_clim(vmin, vmax)
-        self._bar.update_normal(self._map)
-        self._mask.set_visible(mask is not None)
-        self._no_mask.set_visible(mask is None)
-        self._title.set_text(title)
-        io.save_figure(path, self._fig, dpi=72)
+    def _tile(self, array: np.ndarray, width: int) -> Image.Image:
+        image = Image.fromarray(array)
+        return image.resize((width, TILE), Image.Resampling.NEAREST if image.mode != "RGB" else Image.Resampling.BILINEAR)
+
+    def _colour(self, normalised: np.ndarray) -> np.ndarray:
+        return self._lut[np.clip(np.round(normalised * 255), 0, 255).astype(np.int64)]
+
+    def write(self, path: Path, image: np.ndarray, recon: np.ndarray | None, normalised_map: np.ndarray,
+              mask: np.ndarray | None, title: str) -> None:
+        """One panel; ``normalised_map`` is on the normalised score scale (values outside [0, 1] are clipped)."""
+        h, w = normalised_map.shape
+        width = max(1, round(TILE * w / h))
+        rgb = np.asarray(Image.fromarray(np.asarray(image)).resize((w, h), Image.Resampling.BILINEAR))
+        heat = self._colour(normalised_map)
+        tiles = [("input", rgb)]
+        if recon is not None:
+            tiles.append(("reconstruction", np.asarray(recon)))
+        tiles += [("anomaly map", heat), ("map over input", (0.5 * rgb + 0.5 * heat).round().astype(np.uint8)),
+                  ("ground truth", None if mask is None else (np.asarray(mask) * 255).astype(np.uint8))]
+        gap, bar, top = 10, 100, 62
+        canvas = Image.new("RGB", (len(tiles) * (width + gap) + bar + gap, top + TILE + 8), "white")
+        draw = ImageDraw.Draw(canvas)
+        for line, text in enumerate(title.split("\n")):
+            draw.text((gap, 6 + 17 * line), text, fill="black", font=self._font)
+        for i, (name, data) in enumerate(tiles):
+            x = gap + i * (width + gap)
+            draw.text((x, top - 16), name, fill="black", font=self._small)
+            if data is None:
+                draw.rectangle((x, top, x + width - 1, top + TILE - 1), outline="grey")
+                draw.text((x + width // 2 - 20, top + TILE // 2 - 6), "no mask", fill="grey", font=self._small)
+            else:
+                canvas.paste(self._tile(data, width), (x, top))
+        x = gap + len(tiles) * (width + gap)
+        strip = self._colour(np.linspace(1.0, 0.0, TILE)[:, None].repeat(12, axis=1))
+        canvas.paste(Image.fromarray(strip), (x, top))
+        for value in (0.0, 0.5, 1.0):
+            y = top + round((1.0 - value) * (TILE - 1))
+            draw.line((x - 2, y, x + 14, y), fill="cyan" if value == 0.5 else "black")
+            label = f"{value:.1f} threshold" if value == 0.5 else f"{value:.1f}"
+            draw.text((x + 17, y - 6), label, fill="black", font=self._small)
+        draw.text((x - 2, top - 16), "normalised score", fill="black", font=self._small)
+        with io.atomic_path(path) as tmp:
+            canvas.save(tmp, format="PNG", compress_level=1)
 
     def close(self) -> None:
-        plt.close(self._fig)
+        """Nothing to release (kept so callers can treat panels like a figure)."""

@@ -19,19 +19,30 @@ from PIL import Image
 
 from aead import io
 from aead.calibration import Calibration
-from aead.checkpoint import Checkpoint, find_checkpoint, load_checkpoint
-from aead.data import IMAGE_EXTENSIONS, Sample, Split, read_image, resize_image
+from aead.data import IMAGE_EXTENSIONS, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError
-from aead.evaluation import require_components, score_split
-from aead.params import Params
-from aead.training import configure_threads, select_device
+from aead.evaluation import TrainedModels, require_trained
+from aead.params import Params, parts_of
+from aead.scoring import AnomalyMapper, Inputs, score_inputs
+from aead.training import autocast_for, setup_compute
 
-CSV_COLUMNS = ("path", "category", "score", "verdict", "raw_score", "heatmap", "mask", "error")
+CSV_COLUMNS = ("path", "relative_path", "category", "score", "verdict", "raw_score", "heatmap", "mask", "error")
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image to score: its path, and the path its outputs are named after: from the folder it was found in,
+    that folder's name included (``test/good/000.png`` for a folder ``test`` given), or its name when it was given
+    directly."""
+
+    path: Path
+    relative: Path
 
 
 @dataclass
 class Prediction:
     path: str
+    relative_path: str = ""
     raw_score: float | None = None
     score: float | None = None
     anomalous: bool | None = None
@@ -40,20 +51,35 @@ class Prediction:
     error: str = ""
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly, plus the image files inside named folders (sorted, not recursive)."""
-    files: list[Path] = []
+def expand_inputs(inputs: Iterable[str | Path]) -> list[InputImage]:
+    """Image files named directly, and every image file under named folders, recursively (hidden files and
+    folders skipped), in sorted order. Where two images would get the same relative path (``a/x.png`` and
+    ``b/x.png`` given directly), the later ones get ``~2``, ``~3`` ... before the suffix, so no output is
+    overwritten; the CSV keeps each image's own path next to it."""
+    found: list[InputImage] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-                            and not p.name.startswith("."))
+            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            found += [InputImage(p, Path(item.resolve().name) / p.relative_to(item)) for p in files]
         else:
-            files.append(item)
-    return files
+            found.append(InputImage(item, Path(item.name)))
+    taken: set[Path] = set()
+    unique = []
+    for image in found:
+        relative, n = image.relative, 1
+        while relative in taken:
+            n += 1
+            relative = image.relative.with_name(f"{image.relative.stem}~{n}{image.relative.suffix}")
+        taken.add(relative)
+        unique.append(InputImage(image.path, relative))
+    return unique
 
 
-def load_calibration(path: Path, method: str, model: str, category: str, params: Params) -> Calibration:
-    """The threshold the evaluation stage fitted for ``model`` and ``category`` with ``method``."""
+def load_calibration(path: Path, method: str, model: str, category: str, params: Params
+                     ) -> tuple[Calibration, list[list[float]] | None]:
+    """The threshold the evaluation stage fitted for ``model`` and ``category`` with ``method``, and the fused
+    map's statistics (None for a single map)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: calibration not found; run the evaluation stages first (dvc repro)")
     record = json.loads(path.read_text())
@@ -61,68 +87,83 @@ def load_calibration(path: Path, method: str, model: str, category: str, params:
         raise CheckpointError(f"{path}: calibration is for method '{record.get('method')}', not '{method}'")
     ev = params.evaluate
     recipe = {"image_score": ev.image_score, "smooth_sigma": ev.smooth_sigma,
-              "ssim_window_sigma": ev.ssim_window_sigma, "image_size": params.data.image_size}
+              "ssim_window_sigma": ev.ssim_window_sigma, "image_size": params.data.image_size,
+              "pretrained_smooth_sigma": params.pretrained.smooth_sigma, "parts": list(parts_of(method, ev))}
     for key, value in recipe.items():
         if record.get(key) != value:
             raise CheckpointError(f"{path}: calibrated with {key}={record.get(key)!r} but params say {value!r}; "
                                   "rerun the evaluation stages (dvc repro)")
     try:
-        cal = Calibration.from_dict(record["models"][model][category])
+        entry = record["models"][model][category]
     except KeyError as err:
         raise CheckpointError(f"{path}: no calibration for model '{model}', category '{category}'") from err
-    return cal
+    return Calibration.from_dict(entry), entry.get("fusion")
 
 
 def load_trained(params: Params, models_root: Path, model: str, category: str, method: str,
-                 device: torch.device) -> tuple[Checkpoint, Calibration]:
-    """The checkpoint serving ``category`` and the threshold calibrated for it by the evaluation stage."""
-    path = find_checkpoint(models_root / model, category)
-    checkpoint = load_checkpoint(path, device, expect_model=model, expect_image_size=params.data.image_size)
-    require_components(checkpoint, path, method)
-    cal = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)
-    return checkpoint, cal
+                 device: torch.device) -> tuple[AnomalyMapper, Calibration]:
+    """The method's map for ``model`` and ``category`` (with the fused map's statistics) and the threshold
+    calibrated for it by the evaluation stage."""
+    require_trained(params, method)
+    mapper = TrainedModels(params, models_root, device).mapper(method, model, category)
+    cal, fusion = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)
+    if len(mapper.parts) > 1:
+        if fusion is None:
+            raise CheckpointError(f"{models_root / f'calibration-{method}.json'}: no fused-map statistics for "
+                                  f"{model}/{category}; rerun the evaluation stages (dvc repro)")
+        mapper.fusion.copy_(torch.tensor(fusion, dtype=torch.float64))
+    return mapper, cal
+
+
+def mapper_inputs(mapper: AnomalyMapper, originals: list[np.ndarray], ae_size: int) -> Inputs:
+    """Original images (any size) resized to each shape ``mapper`` needs, as the pipeline's prepared images are."""
+    ae = np.stack([resize_image(img, ae_size) for img in originals]) if mapper.needs_autoencoder_input else None
+    pre = (np.stack([resize_image(img, mapper.out_shape) for img in originals])
+           if mapper.needs_pretrained_input else None)
+    return Inputs(ae, pre)
 
 
 def predict(inputs: Iterable[str | Path], model: str, category: str, method: str, params: Params,
             models_root: Path, out_dir: Path, log: Callable[[str], None] = print) -> list[Prediction]:
     """Score every input image; unreadable files are reported in their row and do not stop the others."""
-    configure_threads(params.model.num_threads)
-    device = select_device(params.model.device)
-    checkpoint, cal = load_trained(params, models_root, model, category, method, device)
+    device = setup_compute(params.model)
+    mapper, cal = load_trained(params, models_root, model, category, method, device)
     warning = cal.warning()
     if warning:
         log(f"warning: {model}/{category}, method '{method}': {warning}")
+    inputs = list(inputs)
     files = expand_inputs(inputs)
     if not files:
-        raise DataError("no image files given (expected image files or folders of them)")
-    size = params.data.image_size
+        raise DataError(f"no image files in {', '.join(map(str, inputs))} (expected image files or folders holding "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files, searched recursively)")
+    log(f"predict: {len(files)} images from {', '.join(map(str, inputs))} (folders searched recursively)")
     score = params.evaluate.image_score
+    autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
     results: list[Prediction] = []
     batch = max(1, params.evaluate.batch_size)
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
         originals: list[np.ndarray] = []
         rows: list[Prediction] = []
-        for path in chunk:
+        for image in chunk:
             try:
-                originals.append(read_image(path))
-                rows.append(Prediction(str(path)))
+                originals.append(read_image(image.path))
+                rows.append(Prediction(str(image.path), str(image.relative)))
             except AeadError as err:
-                results.append(Prediction(str(path), error=str(err)))
+                results.append(Prediction(str(image.path), str(image.relative), error=str(err)))
         if rows:
-            split = Split([Sample(r.path, category, "unknown", 0) for r in rows],
-                          np.stack([resize_image(img, size) for img in originals]))
-            scored = score_split(checkpoint, split, method, params, device)  # type: ignore[arg-type]
+            scored = score_inputs(mapper, mapper_inputs(mapper, originals, params.data.image_size), batch, device,
+                                  autocast)
             normalized = cal.normalize(scored.scores[score])
             for i, row in enumerate(rows):
                 row.raw_score = float(scored.scores[score][i])
                 row.score = float(normalized[i])
                 row.anomalous = bool(row.raw_score >= cal.threshold)
-                stem = f"{start + i:05d}_{Path(row.path).stem}"
+                stem = str(Path(row.relative_path).with_suffix(""))
                 row.heatmap, row.mask = _write_images(out_dir, stem, originals[i], scored.maps[i], cal)
                 results.append(row)
         log(f"predict: {min(start + batch, len(files))}/{len(files)} images")
-    order = {str(p): i for i, p in enumerate(files)}
+    order = {str(image.path): i for i, image in enumerate(files)}
     results.sort(key=lambda r: order[r.path])
     io.write_csv(out_dir / "predictions.csv", (_row(r, category) for r in results), CSV_COLUMNS)
     return results
@@ -146,6 +187,6 @@ def _write_images(out_dir: Path, stem: str, image: np.ndarray, amap: np.ndarray,
 
 def _row(r: Prediction, category: str) -> dict[str, Any]:
     verdict = "" if r.anomalous is None else ("anomalous" if r.anomalous else "good")
-    return {"path": r.path, "category": category, "score": "" if r.score is None else r.score,
+    return {"path": r.path, "relative_path": r.relative_path, "category": category, "score": "" if r.score is None else r.score,
             "verdict": verdict, "raw_score": "" if r.raw_score is None else r.raw_score,
             "heatmap": r.heatmap, "mask": r.mask, "error": r.error}

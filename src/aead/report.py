@@ -5,24 +5,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 
 from aead import io
-from aead.data import Split, read_split
+from aead.calibration import Calibration
 from aead.evaluation import CategoryResult
 from aead.plots import HeatmapPanels
 
 
-def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]], prepared_dir: str | Path,
+def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]],
+                   calibration: dict[str, dict[str, Calibration]], score: str,
                    log: Callable[[str], None] = print) -> int:
-    """Write one panel PNG per kept image to ``out_dir/<model>/<category>/<defect>_<stem>.png``
-    (the folder is replaced whole). Returns the number of panels."""
-    test = read_split(prepared_dir, "test")
+    """Write one panel PNG per kept image to ``out_dir/<model>/<category>/<defect>_<stem>.png`` (the folder is
+    replaced whole), its map on the normalised score scale of ``calibration``. Returns the number of panels."""
     count = 0
     panels = HeatmapPanels()
     with io.atomic_dir(out_dir) as tmp:
         try:
-            count = _write_panels(panels, tmp, results, test)
+            count = _write_panels(panels, tmp, results, calibration, score)
         finally:
             panels.close()
     log(f"wrote {count} heatmap panels to {out_dir}")
@@ -30,21 +29,20 @@ def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]],
 
 
 def _write_panels(panels: HeatmapPanels, folder: Path, results: dict[str, dict[str, CategoryResult]],
-                  test: Split) -> int:
+                  calibration: dict[str, dict[str, Calibration]], score: str) -> int:
     count = 0
     for model, per_cat in results.items():
         for cat, res in per_cat.items():
-            if not res.recon:
-                continue
-            images = test.select([cat]).images
-            vmin = min(0.0, float(res.maps.min()))  # fused maps are centred on the validation mean: they go below 0
-            vmax = float(np.quantile(res.maps, 0.999))
-            vmax = vmax if vmax > vmin else vmin + 1.0
-            for i, recon in sorted(res.recon.items()):
+            cal = calibration[model][cat]
+            for i, image in sorted(res.images.items()):
                 smp = res.samples[i]
                 mask = res.masks[i] if res.masks is not None and res.has_mask[i] else None
-                name = f"{smp.defect_type}_{Path(smp.path).stem}.png"
-                panels.write(folder / model / cat / name, np.asarray(images[i]), recon, res.maps[i], mask,
-                             f"{model} / {cat} / {smp.defect_type} / {Path(smp.path).name}", vmax, vmin)
+                value = float(cal.normalize(res.scores[score][i : i + 1])[0])
+                verdict = "anomalous" if res.scores[score][i] >= cal.threshold else "good"
+                truth = "good" if smp.label == 0 else f"defect: {smp.defect_type}"
+                title = (f"{model} / {cat} / {Path(smp.path).name} ({truth})\nscore {value:.2f} "
+                         f"{'>=' if verdict == 'anomalous' else '<'} threshold 0.50 -> {verdict}")
+                panels.write(folder / model / cat / f"{smp.defect_type}_{Path(smp.path).stem}.png", image,
+                             res.recon.get(i), cal.normalize(res.maps[i]), mask, title)
                 count += 1
     return count

@@ -1,7 +1,6 @@
-"""The training loop: L1 reconstruction, Adam, ReduceLROnPlateau, early stopping, gradient clipping,
-mixed precision (bf16), and data-parallel training under ``torchrun`` (DistributedDataParallel); then the
-DRAEM-style segmentation head on top of the frozen autoencoder (focal loss on synthetic defects), and last the
-PatchCore-style memory bank of the encoder's patch features (:mod:`aead.memory_bank`).
+"""The training loops: the autoencoder (L1 reconstruction, Adam, ReduceLROnPlateau, early stopping, gradient
+clipping, mixed precision, and data-parallel training under ``torchrun`` with DistributedDataParallel), and the
+DRAEM-style segmentation head on top of a frozen trained autoencoder (focal loss on synthetic defects).
 
 Images arrive as the cached uint8 arrays of prepare-split, memory-mapped: each batch is gathered from the
 file, so memory does not grow with the data set (on a GPU the whole array is uploaded once when it fits).
@@ -31,11 +30,12 @@ from torch.nn.parallel import DistributedDataParallel
 from aead import io
 from aead.corruption import corrupt_batch
 from aead.maps import rgb_to_gray, ssim_map
-from aead.checkpoint import JOINT, checkpoint_name, save_checkpoint
+from aead import numerics
+from aead.numerics import memory_format
+from aead.checkpoint import JOINT, checkpoint_name, find_checkpoint, load_checkpoint, save_checkpoint, save_head
 from aead.data import manifest_digest, read_split, to_float, to_tensor
 from aead.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
-from aead.memory_bank import MemoryResult, build_memory
 from aead.params import ModelParams, Params, SegmentationParams
 from aead.torch_model import build_head, build_model, count_parameters
 
@@ -55,6 +55,19 @@ def configure_threads(num_threads: int) -> None:
     """Set torch's CPU thread count (0 keeps torch's default: one per core)."""
     if num_threads > 0:
         torch.set_num_threads(num_threads)
+
+
+def setup_compute(model: ModelParams, training: bool = False) -> torch.device:
+    """The device ``model.device`` asks for, with the thread count set up and, for ``training`` with
+    ``model.deterministic``, the pinned CPU numerics of :mod:`aead.numerics`; call it before any computation.
+
+    Only training is pinned: it amplifies last-bit differences over thousands of steps, while a forward pass (banks,
+    evaluation, export) keeps them at the last bits, far below what moves a metric, and runs about 2x faster with
+    the CPU's own kernels (``benchmarks/determinism.py``)."""
+    configure_threads(model.num_threads)
+    device = select_device(model.device)
+    numerics.configure(model.deterministic and training, device)
+    return device
 
 
 # Upload the whole training array to the GPU when it takes at most this share of the free GPU memory.
@@ -108,17 +121,24 @@ def cpu_has_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast_for(device: torch.device, precision: str = "auto") -> tuple[Any, torch.amp.GradScaler | None]:
+def autocast_for(device: torch.device, precision: str = "auto", deterministic: bool = False
+                 ) -> tuple[Any, torch.amp.GradScaler | None]:
     """The mixed-precision context (and loss scaler, for fp16) for ``model.precision``.
 
-    ``fp32``: none. ``bf16``: bf16 autocast. ``auto``: bf16 on CUDA GPUs and CPUs that support it natively,
-    fp16 with a GradScaler on older GPUs, fp32 elsewhere. Weights, optimiser and loss stay fp32."""
+    ``fp32``: none. ``bf16``: bf16 autocast. ``auto``: bf16 on CUDA GPUs, fp16 with a GradScaler on older GPUs; on
+    CPUs fp32 when ``deterministic`` (bf16 kernels differ between CPUs), else bf16 where the CPU computes it natively.
+    Weights, optimiser and loss stay fp32."""
     if precision == "fp32":
         return nullcontext(), None
     if device.type == "cuda":
         if precision == "bf16" or torch.cuda.is_bf16_supported():
             return torch.autocast("cuda", dtype=torch.bfloat16), None
         return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    if deterministic:
+        if precision == "bf16":
+            raise ParamsError("model.precision: bf16 on a CPU gives other results on other CPUs, which "
+                              "model.deterministic: true rules out; use auto or fp32, or set model.deterministic: false")
+        return nullcontext(), None
     if precision == "bf16" or cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16), None
     return nullcontext(), None
@@ -178,7 +198,7 @@ def train_autoencoder(
         raise ParamsError(f"model.batch_size: {params.batch_size} is the global batch; with {world} processes "
                           f"each needs at least 2 images (BatchNorm), so use at least {2 * world}")
     gen = torch.Generator().manual_seed(params.seed)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=memory_format())
     net: nn.Module = model
     if dist_ctx.enabled:
         if device.type == "cuda":
@@ -190,7 +210,7 @@ def train_autoencoder(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=params.lr_factor, patience=params.lr_patience
     )
-    autocast, scaler = autocast_for(device, params.precision)
+    autocast, scaler = autocast_for(device, params.precision, params.deterministic)
     corrupt_gen = torch.Generator().manual_seed(params.seed + 1)
     augment_gen = torch.Generator().manual_seed(params.seed + 8)
     n = len(train_x)
@@ -297,6 +317,7 @@ class HeadResult:
     final_loss: float
     seconds: float
     images_per_second: float
+    history: list[dict[str, float]] = field(default_factory=list)
 
 
 FOCAL_GAMMA = 2.0  # as in DRAEM: most pixels are easy background; the loss concentrates on the hard ones
@@ -318,13 +339,13 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
     ``seg.corruption_probability`` of the images), reconstructed, and the head learns the corruption mask from
     image + reconstruction with the focal loss. ``augment``: the clean images are first randomly flipped and
     turned (:func:`flip_rotate`). Deterministic given ``params.seed``."""
-    autoencoder = autoencoder.to(device).to(memory_format=torch.channels_last).eval()
+    autoencoder = autoencoder.to(device).to(memory_format=memory_format()).eval()
     for p in autoencoder.parameters():
         p.requires_grad_(False)
-    head = build_head(seg.base_channels, seed=params.seed + 3).to(device).to(memory_format=torch.channels_last)
+    head = build_head(seg.base_channels, seed=params.seed + 3).to(device).to(memory_format=memory_format())
     optimizer = torch.optim.Adam(head.parameters(), lr=seg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=seg.steps)
-    autocast, scaler = autocast_for(device, params.precision)
+    autocast, scaler = autocast_for(device, params.precision, params.deterministic)
     gen = torch.Generator().manual_seed(params.seed + 4)
     augment_gen = torch.Generator().manual_seed(params.seed + 9)
     source = ImageSource(train_images, device)
@@ -335,6 +356,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
         raise DataError(f"{tag}: the segmentation head needs at least 2 training images, got {n}")
     head.train()
     step, seen, recent, mean = 0, 0, torch.zeros((), device=device), math.nan
+    history: list[dict[str, float]] = []
     start = time.perf_counter()
     while step < seg.steps:
         order = torch.randperm(n, generator=gen)
@@ -345,7 +367,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
             if augment:
                 clean = flip_rotate(clean, torch.randint(0, 8, (len(clean),), generator=augment_gen))
             x, mask = corrupt_batch(clean, seg.corruption, gen, seg.corruption_probability)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=memory_format())
             with autocast:
                 with torch.no_grad():
                     recon = autoencoder(x)
@@ -362,6 +384,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
                     raise TrainingError(f"{tag}: segmentation head loss became {mean} at step {step}; lower "
                                         f"segmentation.lr (now {seg.lr:g}); no model or metrics were written")
                 recent.zero_()
+                history.append({"step": step, "focal_loss": mean, "lr": schedule.get_last_lr()[0]})
                 log(f"[{tag}] segmentation head step {step}/{seg.steps}  focal loss {mean:.5f}")
     seconds = time.perf_counter() - start
     return HeadResult(
@@ -371,6 +394,7 @@ def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, se
         final_loss=mean,
         seconds=seconds,
         images_per_second=seen / seconds if seconds > 0 else 0.0,
+        history=history,
     )
 
 
@@ -413,7 +437,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, pa
     inp = x
     if params.corruption != "none":
         inp, _ = corrupt_batch(x, params.corruption, corrupt_gen, params.corruption_probability)
-        inp = inp.contiguous(memory_format=torch.channels_last)
+        inp = inp.contiguous(memory_format=memory_format())
     x, inp = x[part], inp[part]
     with autocast:
         recon = model(inp).float()
@@ -460,7 +484,7 @@ def validation_loss(model: nn.Module, val: ImageSource, params: ModelParams, dev
     """Mean training objective (eval mode) of reconstructing the validation images from their corrupted
     copies (the clean images when training without corruption). Chunks are shared out across processes."""
     model.eval()
-    autocast, _ = autocast_for(device, params.precision)
+    autocast, _ = autocast_for(device, params.precision, params.deterministic)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     n = len(val)
     for k, c in enumerate(range(0, n, VAL_CHUNK)):
@@ -471,7 +495,7 @@ def validation_loss(model: nn.Module, val: ImageSource, params: ModelParams, dev
         if params.corruption != "none":
             gen = torch.Generator().manual_seed(params.seed + 2 + 1_000_003 * k)
             inputs, _ = corrupt_batch(clean, params.corruption, gen, params.corruption_probability)
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=memory_format())
         for s in range(0, clean.shape[0], params.batch_size):
             x, y = inputs[s : s + params.batch_size], clean[s : s + params.batch_size]
             with autocast:
@@ -500,8 +524,7 @@ def train_and_save(
 
     Under torchrun every process trains (``dist_ctx``), only the main one writes ``models_dir`` and logs.
     """
-    configure_threads(params.model.num_threads)
-    device = process_device(select_device(params.model.device), dist_ctx)
+    device = process_device(setup_compute(params.model, training=True), dist_ctx)
     if not dist_ctx.is_main:
         log = _quiet
     prepared = Path(params.data.prepared_dir)
@@ -551,30 +574,9 @@ def train_and_save(
                 "best_epoch": result.best_epoch,
                 "epochs_run": result.epochs_run,
             }
-            head: HeadResult | None = None
-            if params.segmentation.steps > 0 and dist_ctx.is_main:  # the head is small: one process trains it
-                trained_ae = build_model(model_name, arch.base_channels)
-                trained_ae.load_state_dict(result.state_dict)
-                head = train_segmentation_head(trained_ae, train.images, params.segmentation, params.model, device,
-                                               log, tag=f"{model_name}/{label}", augment=augment)
-                meta["segmentation"] = {**dataclasses.asdict(params.segmentation), "final_loss": head.final_loss}
-            bank: MemoryResult | None = None
-            if params.memory_bank.coreset_ratio > 0 and dist_ctx.is_main:
-                trained_ae = build_model(model_name, arch.base_channels)
-                trained_ae.load_state_dict(result.state_dict)
-                trained_head = None
-                if head is not None:
-                    trained_head = build_head(params.segmentation.base_channels)
-                    trained_head.load_state_dict(head.state_dict)
-                bank = build_memory(trained_ae, trained_head, train.images, val.images, params.memory_bank,
-                                    params.model, device, autocast=autocast_for(device, params.model.precision)[0],
-                                    log=log, tag=f"{model_name}/{label}")
-                meta["memory_bank"] = dataclasses.asdict(params.memory_bank)
             barrier(dist_ctx)
             if tmp_dir is not None:
-                save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta,
-                                head_state_dict=head.state_dict if head else None,
-                                memory=bank.memory if bank else None)
+                save_checkpoint(tmp_dir / checkpoint_name(name), result.state_dict, meta)
             summary = {
                 "best_val_loss": result.best_val_loss,
                 "best_epoch": result.best_epoch,
@@ -585,19 +587,59 @@ def train_and_save(
                 "train_seconds": round(result.seconds, 2),
                 "images_per_second": round(result.images_per_second, 2),
             }
-            if head is not None:
-                summary["segmentation"] = {"parameters": head.parameters, "steps": head.steps,
-                                           "final_loss": head.final_loss, "train_seconds": round(head.seconds, 2),
-                                           "images_per_second": round(head.images_per_second, 2)}
-            if bank is not None:
-                summary["memory_bank"] = {"patches": bank.patches, "bank_size": int(bank.memory.bank.shape[0]),
-                                          "build_seconds": round(bank.seconds, 2)}
             metrics["categories"][label] = summary
             rows += [{"model": model_name, "category": label, **h} for h in result.history]
     per = metrics["categories"].values()
     metrics["best_val_loss"] = float(np.mean([m["best_val_loss"] for m in per]))
     metrics["train_seconds"] = round(sum(m["train_seconds"] for m in per), 2)
     return metrics, rows
+
+
+def train_heads_and_save(params: Params, model_name: str, models_root: Path, out_dir: Path,
+                         log: Log = print) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train one segmentation head on each of ``model_name``'s trained autoencoders (``models_root/<model>/``) and
+    write them into ``out_dir`` (replaced whole, atomically), one file per autoencoder checkpoint. Returns the
+    metrics (per category: final focal loss, steps, parameters, seconds) and the loss rows for the plots CSV."""
+    seg = params.segmentation
+    if seg.steps == 0:
+        with io.atomic_dir(out_dir):
+            pass
+        log(f"segmentation.steps is 0: no segmentation head for {model_name}")
+        return {"note": "segmentation.steps is 0: no segmentation head is trained"}, []
+    device = setup_compute(params.model, training=True)
+    prepared = Path(params.data.prepared_dir)
+    train_split = read_split(prepared, "train")
+    metrics: dict[str, Any] = {"device": str(device), "categories": {}}
+    rows: list[dict[str, Any]] = []
+    done: set[Path] = set()
+    with io.atomic_dir(out_dir) as tmp_dir:
+        for category in params.data.categories:
+            path = find_checkpoint(models_root / model_name, category)
+            if path in done:  # a joint autoencoder serves every category: one head for it
+                continue
+            done.add(path)
+            checkpoint = load_checkpoint(path, device, expect_model=model_name,
+                                         expect_image_size=params.data.image_size)
+            cats = checkpoint.categories
+            label = path.stem
+            augment = all(c in params.model.flip_rotate for c in cats)
+            result = train_segmentation_head(checkpoint.model, train_split.select(cats).images, seg, params.model,
+                                             device, log, tag=f"{model_name}/{label}", augment=augment)
+            head = build_head(seg.base_channels)
+            head.load_state_dict(result.state_dict)
+            save_head(tmp_dir / path.name, head, {**dataclasses.asdict(seg), "model": model_name, "categories": cats,
+                                                  "autoencoder_sha256": _file_digest(path)})
+            metrics["categories"][label] = {"final_loss": result.final_loss, "steps": result.steps,
+                                            "parameters": result.parameters, "train_seconds": round(result.seconds, 2),
+                                            "images_per_second": round(result.images_per_second, 2)}
+            rows += [{"model": model_name, "category": label, **h} for h in result.history]
+    metrics["final_loss"] = float(np.mean([m["final_loss"] for m in metrics["categories"].values()]))
+    return metrics, rows
+
+
+def _file_digest(path: Path) -> str:
+    """SHA-256 of a file: ties a head or bank to the autoencoder it was built on."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def clear_resume(resume_dir: Path) -> None:

@@ -1,0 +1,30 @@
+"""Stage build-pretrained-bank: PatchCore on a frozen ImageNet backbone, the memory bank of each category's
+training images at its own image shape (params: pretrained.*, data.categories, data.prepared_dir, model.device,
+model.num_threads). Nothing is trained."""
+
+import argparse
+from pathlib import Path
+
+from aead import io
+from aead.cli import log, run_stage
+from aead.memory_bank import build_pretrained_banks_and_save
+from aead.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="models/pretrained")
+    parser.add_argument("--metrics-dir", default="metrics")
+    parser.add_argument("--plot", default="plots/build-pretrained-bank.csv")
+    args = parser.parse_args()
+    metrics = build_pretrained_banks_and_save(load_params(args.params), Path(args.out), log=log)
+    io.write_metrics(args.metrics_dir, "pretrained-bank", {"bank_size": metrics["bank_size"]}, metrics)
+    rows = [{"category": c, "height": m["shape"][0], "width": m["shape"][1],
+             **{k: v for k, v in m.items() if k != "shape"}} for c, m in metrics["categories"].items()]
+    io.write_csv(args.plot, rows, ["category", "height", "width", "images", "patches", "bank_size", "build_seconds",
+                                   "build_images_per_second"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -37,3 +37,11 @@ def test_memory_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     for r in results.values():
         assert r["peak_anon_mib"] > 0 and r["peak_rss_mib"] >= r["peak_anon_mib"]
     assert results["48"]["train_npy_mib"] > results["16"]["train_npy_mib"]
+
+
+def test_scaling_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/scaling.py", "--tiny", "--out", str(tmp_path)], cwd=repo_root,
+                          check=True, capture_output=True, text=True)
+    rows = (tmp_path / "scaling.csv").read_text().splitlines()
+    assert rows[0].startswith("method,patches,bank_size,build_seconds") and len(rows) == 1 + 4
+    assert (tmp_path / "scaling.png").stat().st_size > 0 and "build time ~ patches^" in proc.stdout

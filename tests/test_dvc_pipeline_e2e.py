@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -186,11 +187,37 @@ def test_seed_recipe_runs_without_a_segmentation_head_or_memory_bank(project):
     assert (project / "plots" / "evaluate-seg" / "roc.csv").read_text().strip() == "model,category,fpr,tpr"
 
 
-def test_bad_param_fails_with_the_key(project):
+def committed_run(project: Path) -> None:
+    """The workspace back at the last commit, with a committed `dvc repro` (made here when this test runs alone)."""
+    run(["git", "checkout", "-q", "HEAD", "--", "."], project)
+    if (project / "dvc.lock").is_file():
+        run(["dvc", "checkout", "--force"], project)
+    else:
+        run(["dvc", "repro"], project)
+        run(["git", "add", "-A"], project)
+        run(["git", "commit", "-qm", "default run"], project)
+
+
+def test_a_failed_experiment_is_undone_by_the_documented_commands(project, tmp_path):
+    """README, What happens when: a bad value fails with the key's message; DVC leaves the workspace as the failed
+    run left it (params.yaml changed, the failed stage's outputs removed) and `git checkout HEAD -- params.yaml
+    metrics plots && dvc checkout` restores it; `dvc exp run --temp` leaves the workspace untouched."""
+    committed_run(project)
     proc = subprocess.run(["dvc", "exp", "run", "-S", "data.image_size=100"], cwd=project, capture_output=True,
                           text=True)
     assert proc.returncode != 0
     assert "data.image_size: expected a positive multiple of 8" in proc.stdout + proc.stderr
+    assert run(["git", "status", "--porcelain"], project).strip(), "DVC's behaviour changed: update the README"
+    run(["git", "checkout", "HEAD", "--", "params.yaml", "metrics", "plots"], project)
+    run(["dvc", "checkout"], project)
+    assert run(["git", "status", "--porcelain"], project).strip() == ""
+    assert "up to date" in run(["dvc", "status"], project)
+    missing = tmp_path / "no-such-folder"
+    proc = subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"data.root={missing}"], cwd=project,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and str(missing) in proc.stdout + proc.stderr
+    assert run(["git", "status", "--porcelain"], project).strip() == ""
+    assert "up to date" in run(["dvc", "status"], project)
 
 
 TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds", "build_images_per_second"}
@@ -305,3 +332,20 @@ def test_torchrun_launcher_is_one_param_away(project):
     changed = json.loads(run(["dvc", "metrics", "diff", "HEAD", "--json"], project))
     assert "loss" in changed["metrics/train-baseline.json"]
     assert headline(project, "ssim-baseline")["image_auroc"] is not None
+
+
+def test_results_table_and_seed_spread(project):
+    """`aead results` prints the README's table from the committed run's metrics; `aead seeds run` runs another
+    seed as a DVC experiment in a temporary copy (the workspace stays as it was) and `aead seeds summary` gives
+    mean ± std over it and the workspace's run."""
+    committed_run(project)
+    aead = [sys.executable, "-m", "aead"]
+    table = run([*aead, "results"], project).splitlines()
+    assert table[0].startswith("| map | model | image AUROC [95% CI] |") and len(table) == 2 + 11, table
+    value = headline(project, "pretrained")["image_auroc"]
+    assert any(line.startswith(f"| pretrained | pretrained | {value:.3f} [") for line in table), table
+    run([*aead, "seeds", "run", "--seeds", "1"], project)
+    assert run(["git", "status", "--porcelain"], project).strip() == "", "the seed run changed the workspace"
+    summary = run([*aead, "seeds", "summary"], project)
+    row = next(line for line in summary.splitlines() if line.startswith("| pretrained | pretrained |"))
+    assert row.count("(n=2)") == 4 and "±" in row, summary

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--metrics-dir", default="metrics")
     r.add_argument("--params", default="params.yaml")
     s_ = sub.add_parser("seeds", help="run the pipeline with other training seeds as DVC experiments, and summarise",
-                        description="'run' queues or runs `dvc exp run -S model.seed=N -S pretrained.seed=N` for each "
-                                    "seed; 'summary' reads `dvc exp show --json` and prints mean ± standard deviation "
+                        description="'run' runs `dvc exp run --temp -S model.seed=N -S pretrained.seed=N` for each "
+                                    "seed, one after the other (or queues them: --queue); 'summary' reads `dvc exp show --json` and prints mean ± standard deviation "
                                     "of every headline metric over the runs that differ from the workspace only in "
                                     "those seeds (the workspace's own run included).")
     s_.add_argument("action", choices=("run", "summary"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from aead.errors import DataError
+from aead.errors import AeadError, DataError
 from aead.params import METHODS, PRETRAINED, models_of, parse_params
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "calibrated_f1")  # in the evaluation stages' details
@@ -153,12 +153,13 @@ def seeds_markdown(frame: pd.DataFrame) -> str:
 
 def run_seed_experiments(seeds: Sequence[int], queue: bool = False) -> None:
     """``dvc exp run`` of the workspace's params with each seed (``model.seed`` and ``pretrained.seed`` set to it),
-    one after the other, or queued (run them with ``dvc queue start``)."""
+    one after the other, each in a temporary copy (``--temp``: the workspace keeps its params and outputs, and a failed
+    run leaves it untouched), or queued (run them with ``dvc queue start``)."""
     for seed in seeds:
-        cmd = ["dvc", "exp", "run", "-n", f"seed-{seed}", *sum((["-S", f"{k}={seed}"] for k in SEED_KEYS), [])]
-        if queue:
-            cmd.append("--queue")
-        subprocess.run(cmd, check=True)
+        cmd = ["dvc", "exp", "run", "-n", f"seed-{seed}", "--queue" if queue else "--temp",
+               *sum((["-S", f"{k}={seed}"] for k in SEED_KEYS), [])]
+        if subprocess.run(cmd).returncode != 0:
+            raise AeadError(f"{' '.join(cmd)} failed (its output is above); the workspace is unchanged")
 
 
 def exp_show() -> Any:

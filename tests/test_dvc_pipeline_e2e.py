@@ -93,8 +93,9 @@ def test_repro_runs_every_stage_then_nothing(project):
     for model in ("baseline", "multiscale"):
         for key in ("image_auroc", "image_auroc_ci", "image_auroc_pooled", "pr_auc", "pixel_auroc", "aupro"):
             assert key in l1[model]
-        for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold"):
+        for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold", "scoring_images_per_second"):
             assert key in l1[model]["categories"]["tile"]
+    assert details(project, "evaluate-pretrained")["pretrained"]["scoring_images_per_second"] > 0
     assert (project / "models" / "baseline" / "tile.pt").is_file()
     shown = run(["dvc", "metrics", "show"], project)
     assert max(len(line) for line in shown.splitlines()) <= 150, "dvc metrics show fits a screen's width"
@@ -220,7 +221,8 @@ def test_a_failed_experiment_is_undone_by_the_documented_commands(project, tmp_p
     assert "up to date" in run(["dvc", "status"], project)
 
 
-TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds", "build_images_per_second"}
+TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds", "build_images_per_second", "scoring_seconds",
+               "scoring_images_per_second"}
 TOLERANCE = 0.01  # the agreement promised for every metric on another x86 CPU (README, Reproducibility)
 
 

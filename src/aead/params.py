@@ -28,6 +28,8 @@ CoresetMethod = Literal["greedy", "random"]
 # The pretrained backbones and the layers a user may choose (aead.backbones builds them; a test checks they agree)
 BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": tuple(f"blocks.{i}" for i in range(16)),
+    "efficientnet_lite1": tuple(f"blocks.{i}" for i in range(21)),
+    "efficientnet_lite2": tuple(f"blocks.{i}" for i in range(21)),
     "resnet18": ("layer1", "layer2", "layer3", "layer4"),
     "wide_resnet50_2": ("layer1", "layer2", "layer3", "layer4"),
 }

@@ -16,17 +16,26 @@ im2col + matrix product instead of oneDNN, PyTorch's AVX2 kernels on every CPU t
 (``ATEN_CPU_CAPABILITY``), MKL's conditional numerical reproducibility for AVX2 in its strict, thread-independent
 mode (``MKL_CBWR``), and NCHW tensors. It costs speed (``benchmarks/determinism.py`` measures it) and changes nothing
 on a GPU.
+
+MKL honours that mode on Intel CPUs only: on an AMD EPYC it reports its ``AUTO`` branch instead, and its matrix
+products with a long inner dimension (the weight gradients of 1x1 and transposed convolutions of the width-4 test
+models) then split that dimension over threads, so 1 and 2 threads gave other weights. Where MKL does not confirm
+the pinned branch, :func:`configure` runs the process on one thread (:func:`mkl_branch_pinned`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+from pathlib import Path
 
 import torch
 
 from aead.errors import ParamsError
 
 PINNED_CAPABILITY = "AVX2"
+MKL_CBWR_BRANCH = 1  # mkl_cbwr_get's option that asks for the active branch
+MKL_CBWR_AVX2 = 10  # the value it answers when the AVX2 branch is active (MKL_CBWR_AUTO is 2)
 
 
 def configure(deterministic: bool, device: torch.device) -> None:
@@ -41,6 +50,19 @@ def configure(deterministic: bool, device: torch.device) -> None:
     if active != PINNED_CAPABILITY and _has_avx2():
         raise ParamsError(f"model.deterministic: PyTorch already chose its {active} kernels before they could be "
                           f"pinned to {PINNED_CAPABILITY}; set ATEN_CPU_CAPABILITY=avx2 in the environment")
+    if not mkl_branch_pinned():
+        torch.set_num_threads(1)
+
+
+def mkl_branch_pinned() -> bool:
+    """Whether MKL runs the pinned AVX2 branch of its reproducible mode, as it reports it (``mkl_cbwr_get``, which
+    torch's library exports as ``mkl_serv_cbwr_get``). False where it fell back to another branch, e.g. on AMD CPUs,
+    and where it cannot be asked."""
+    try:
+        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        return lib.mkl_serv_cbwr_get(ctypes.c_int(MKL_CBWR_BRANCH)) & 0xFFFF == MKL_CBWR_AVX2  # without STRICT's bit
+    except (OSError, AttributeError):
+        return False
 
 
 def is_pinned() -> bool:

@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 from aead import maps
 from aead.backbones import build_backbone
 from aead.data import category_shape, load_split, scan_category, to_float, to_tensor
-from aead.memory_bank import select_coreset
+from aead.memory_bank import _batches, _collect, select_coreset
 from aead.torch_model import PretrainedPatchMemory, nearest_distance
 
 
@@ -93,11 +93,7 @@ def main() -> None:
     test_split = load_split(test, shape, with_masks=True)
     with torch.inference_mode():
         t0 = time.perf_counter()
-        parts = []
-        for s in range(0, len(train_images), 8):
-            f = features(to_float(to_tensor(train_images[s : s + 8], cpu)))
-            parts.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-        feats = torch.cat(parts)
+        feats, _ = _collect(features, _batches(train_images, 8, cpu))
         t1 = time.perf_counter()
         bank = feats[select_coreset(feats, "greedy", 0.1, a.bank, 0)].contiguous()
         t2 = time.perf_counter()

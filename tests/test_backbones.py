@@ -150,14 +150,14 @@ def test_lite0_same_padding_for_any_size(lite0: EfficientNetLite, reference_any_
 def test_lite1_lite2_equal_reference_and_recognise_the_photographs(photos: dict[str, Tensor], variant: str) -> None:
     """Lite1 and Lite2 from their packaged weights: every block and the logits as the independent implementation's
     on a wide crop (TF padding of odd sides), and the coffee recognised."""
-    net = load_efficientnet_lite(variant)
     backbone = build_backbone(variant)
+    net = backbone.net
     blocks = tuple(f"blocks.{i}" for i in range(21))
     assert backbone.layers == blocks
-    assert sum(p.numel() for p in net.parameters()) == sum(
-        p.numel() for p in reference_model(None, variant).parameters())
+    reference = reference_model(None, variant)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in reference.parameters())
     x = photos["160x480"][:, :, :, :-3]
-    ref_blocks, ref_logits = reference_outputs(reference_model(None, variant), expected_input(x, "imagenet"))
+    ref_blocks, ref_logits = reference_outputs(reference, expected_input(x, "imagenet"))
     with torch.inference_mode():
         ours = backbone(x, blocks)
         logits = net(backbone.normalize(x))

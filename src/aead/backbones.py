@@ -1,6 +1,6 @@
 """Pretrained ImageNet networks used as frozen feature extractors (PatchCore-style detectors).
 
-Three backbones share one interface, :class:`Backbone`: ``build_backbone(name)`` gives a module in eval mode
+Five backbones share one interface, :class:`Backbone`: ``build_backbone(name)`` gives a module in eval mode
 without gradients whose ``forward(x, layers)`` takes an RGB batch with values in [0, 1], applies the input
 normalisation of its family and returns the requested layers' outputs, computing nothing past the deepest one.
 
@@ -25,10 +25,9 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import math
-from collections.abc import Iterator
-from pathlib import Path
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlparse
 

@@ -48,10 +48,20 @@ def test_metrics_keys_and_undefined_auroc(trained):
         assert widget["pixel_auroc"] is not None and widget["aupro"] is not None
         cal = ev.calibration[model]["widget"]
         assert widget["calibrated_threshold"] == cal.threshold and cal.n_good == 1 and cal.n_synthetic == 1  # 15 % of 8 train images
-        assert set(widget["calibrated"]) >= {"precision", "recall", "f1"}
-        assert widget["calibration_validation"] == {"auroc": cal.validation_auroc, "good_flagged": cal.good_flagged}
-        assert ("calibration_warning" in widget) == (cal.warning() is not None)
-        assert any(f"{model}/widget: the threshold flags" in line for line in lines) == (cal.warning() is not None)
+        op = widget["operating_point"]
+        assert set(op) >= {"false_alarm_rate", "false_alarm_rate_ci", "recall", "recall_ci", "precision", "f1",
+                           "flag_all", "flag_none"}
+        assert op["fp"] + op["tn"] == widget["n_good"] and op["tp"] + op["fn"] == widget["n_anomalous"]
+        assert op["false_alarm_rate_ci"][0] <= op["false_alarm_rate"] <= op["false_alarm_rate_ci"][1]
+        # one validation good image cannot honour evaluate.false_alarm_rate 0.1: it guarantees 1 / 2 and says so
+        assert op["guaranteed_false_alarm_rate"] == 0.5 and op["needed_calibration_good"] == 9
+        assert widget["calibration_validation"] == {"auroc": cal.validation_auroc, "good_flagged": cal.good_flagged,
+                                                    "synthetic_recall": cal.synthetic_recall}
+        assert "needs at least 9 validation good images, there are 1" in widget["calibration_warning"]
+        assert any(f"{model}/widget: evaluate.false_alarm_rate" in line for line in lines)
+        pooled = ev.metrics[model]["operating_point"]
+        assert pooled["fp"] == op["fp"] + ev.metrics[model]["categories"]["plain"]["operating_point"]["fp"]
+        assert pooled["guaranteed_false_alarm_rate"] == 0.5
         plain = ev.metrics[model]["categories"]["plain"]
         assert plain["image_auroc"] is None and plain["pixel_auroc"] is None and "no anomalous" in plain["note"]
         assert ev.metrics[model]["image_auroc"] == widget["image_auroc"], "overall = mean over defined categories"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -33,9 +34,14 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
     index = export_all(params, work / "models", tmp_path / "export", method)
     models = ["pretrained"] if method == "pretrained" else ["baseline", "multiscale"]
     assert set(index["files"]) == {f"{m}/widget" for m in models}
+    assert json.loads((tmp_path / "export" / "index.json").read_text()) == index
     for key, name in index["files"].items():
         model, category = key.split("/")
         eager = build_detector(params, work / "models", model, category, method)
+        point = index["operating_points"][key]  # the threshold it applies and the rate it guarantees
+        assert point["raw_threshold"] == eager.calibration.threshold and point["normalized_threshold"] == 0.5
+        assert point["false_alarm_rate_target"] == params.evaluate.false_alarm_rate
+        assert point["guaranteed_false_alarm_rate"] == pytest.approx(1 / (point["n_calibration_good"] + 1))
         scripted = torch.export.load(str(tmp_path / "export" / name)).module()
         parts = params.evaluate.fused if method == "fused" else (method,)
         has_head = any(n.startswith("mapper.head.") for n, _ in scripted.named_parameters())

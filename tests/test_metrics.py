@@ -315,3 +315,23 @@ def test_aupro_binned_close_to_exact_and_random_map() -> None:
     assert M.aupro(masks, maps, num_thresholds=10_000) == pytest.approx(exact, abs=1e-3)
     # Uninformative map: PRO ~ FPR, so the normalised area is ~ fpr_limit / 2.
     assert M.aupro(masks, rng.random(masks.shape)) == pytest.approx(0.15, abs=0.02)
+
+
+def test_binomial_interval_matches_reference_values() -> None:
+    """Clopper-Pearson intervals against R's binom.test (exact, two-sided 95 %)."""
+    assert M.binomial_interval(0, 10) == pytest.approx((0.0, 0.3084971), abs=1e-6)
+    assert M.binomial_interval(5, 10) == pytest.approx((0.1870860, 0.8129140), abs=1e-6)
+    assert M.binomial_interval(10, 10) == pytest.approx((0.6915029, 1.0), abs=1e-6)
+    assert M.binomial_interval(3, 104) == pytest.approx((0.005989, 0.081991), abs=1e-5)
+    assert M.binomial_interval(0, 0) is None
+
+
+def test_operating_point_counts_rates_and_trivial_rules() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.3, 0.7, 0.4, 0.9])
+    op = M.operating_point(labels, scores, 0.5)
+    assert (op["tp"], op["fp"], op["fn"], op["tn"]) == (2, 1, 1, 3)
+    assert op["false_alarm_rate"] == 0.25 and op["recall"] == pytest.approx(2 / 3)
+    assert op["false_alarm_rate_ci"] == pytest.approx(list(M.binomial_interval(1, 4)))
+    assert op["flag_all"]["precision"] == pytest.approx(3 / 7) and op["flag_all"]["f1"] == pytest.approx(0.6)
+    assert op["flag_none"]["recall"] == 0.0

@@ -78,12 +78,24 @@ def test_unreadable_files_are_listed_and_do_not_stop_the_others(pipeline, tmp_pa
     assert "broken.png" in proc.stderr
 
 
-def test_an_unreliable_threshold_is_warned_about(pipeline, tmp_path):
+def test_the_guaranteed_false_alarm_rate_is_stated(pipeline, tmp_path):
+    """predict says which false-alarm rate its threshold guarantees, and warns when there were too few validation
+    good images for the rate asked for; a calibration of the earlier max-F1 rule still loads, with its warning."""
     work, _, root = pipeline
+    record = json.loads((work / "models" / "calibration-ssim.json").read_text())
+    widget = record["models"]["baseline"]["widget"]
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(root / "widget" / "test" / "good"),
+                           "--category", "widget", "--model", "baseline", "--method", "ssim",
+                           "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
+                           "--out", str(tmp_path / "out0")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout + proc.stderr
+    assert f"threshold from {widget['n_good']} validation good images: false-alarm rate at most" in said
+    assert (f"needs at least 9 validation good images, there are {widget['n_good']}" in said) == (widget["n_good"] < 9)
     shutil.copytree(work / "models", tmp_path / "models")
     path = tmp_path / "models" / "calibration-ssim.json"
-    record = json.loads(path.read_text())
-    record["models"]["baseline"]["widget"].update(good_flagged=1.0, validation_auroc=0.4)
+    old = {k: widget[k] for k in ("threshold", "low", "high", "n_good", "n_synthetic")}
+    record["models"]["baseline"]["widget"] = {**old, "good_flagged": 1.0, "validation_auroc": 0.4}
     path.write_text(json.dumps(record))
     proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(root / "widget" / "test" / "good"),
                            "--category", "widget", "--model", "baseline", "--method", "ssim",

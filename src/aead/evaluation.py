@@ -162,13 +162,14 @@ def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: In
 
 def calibrate_on_validation(mapper: AnomalyMapper, val: Inputs, params: Params, device: torch.device,
                             batch: int) -> Calibration:
-    """Fit the threshold of the headline score on validation good images and their synthetic-defect copies."""
+    """The operating point of the headline score: the conformal threshold of the validation good images for
+    ``evaluate.false_alarm_rate``, with diagnostics from their synthetic-defect copies."""
     score = params.evaluate.image_score
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
     good = score_inputs(mapper, val, batch, device, autocast).scores[score]
     defective = with_synthetic_defects(val, params.model.seed + CALIBRATION_SEED_OFFSET)
     bad = score_inputs(mapper, defective, batch, device, autocast).scores[score]
-    return calibrate(good, bad)
+    return calibrate(good, bad, params.evaluate.false_alarm_rate, params.evaluate.confidence)
 
 
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -185,6 +186,29 @@ def bootstrap(result: CategoryResult, image_score: str, category: str, resamples
     masks = result.masks if result.masks is not None and (result.has_mask & (labels == 1)).any() else None
     return uncertainty.resampled_metrics(labels, result.scores[image_score], counts, masks,
                                          None if masks is None else result.maps, result.has_mask)
+
+
+def _guarantee(cal: Calibration) -> dict[str, Any]:
+    """What a calibration's threshold promises about good images (see :mod:`aead.calibration`)."""
+    return {"false_alarm_rate_target": cal.false_alarm_rate, "guaranteed_false_alarm_rate": cal.guaranteed_rate,
+            "false_alarm_rate_bound": cal.rate_bound, "n_calibration_good": cal.n_good,
+            "needed_calibration_good": cal.needed_good_images()}
+
+
+def pooled_operating_point(per_cat: dict[str, dict[str, Any]], confidence: float) -> dict[str, Any]:
+    """The operating point over all categories' test images together (counts summed): the share of all good images
+    flagged and of all defective ones caught, with exact binomial intervals, and the flag-all rule's precision and
+    F1 beside them."""
+    points = [m["operating_point"] for m in per_cat.values() if "operating_point" in m]
+    if not points:
+        return {}
+    tp, fp, fn, tn = (sum(p[k] for p in points) for k in ("tp", "fp", "fn", "tn"))
+    labels = np.r_[np.ones(tp + fn, int), np.zeros(fp + tn, int)]
+    flagged = np.r_[np.ones(tp), np.zeros(fn), np.ones(fp), np.zeros(tn)]
+    pooled = metrics.operating_point(labels, flagged, 0.5, confidence) if tp + fn and fp + tn else {}
+    guaranteed = [p["guaranteed_false_alarm_rate"] for p in points if p["guaranteed_false_alarm_rate"] is not None]
+    pooled["guaranteed_false_alarm_rate"] = max(guaranteed) if guaranteed else None
+    return pooled
 
 
 def _interval(values: tuple[float, float] | None) -> list[float] | None:
@@ -213,10 +237,11 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
         out["f1_max"], out["threshold"] = None, None
     if calibration is not None:
         out["calibrated_threshold"] = calibration.threshold
-        at = metrics.precision_recall_f1_at(labels, headline, calibration.threshold)
-        out["calibrated"] = {k: at[k] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")}
+        out["operating_point"] = {**metrics.operating_point(labels, headline, calibration.threshold, confidence),
+                                  **_guarantee(calibration)}
         out["calibration_validation"] = {"auroc": calibration.validation_auroc,
-                                         "good_flagged": calibration.good_flagged}
+                                         "good_flagged": calibration.good_flagged,
+                                         "synthetic_recall": calibration.synthetic_recall}
         warning = calibration.warning()
         if warning:
             out["calibration_warning"] = warning
@@ -311,7 +336,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             "image_auroc_pooled": metrics.auroc(labels, scores),
             "pr_auc": _mean([m["pr_auc"] for m in per_cat.values()]),
             "f1_max": _mean([m["f1_max"] for m in per_cat.values()]),
-            "calibrated_f1": _mean([m["calibrated"]["f1"] for m in per_cat.values() if m["f1_max"] is not None]),
+            "calibrated_f1": _mean([m["operating_point"]["f1"] for m in per_cat.values() if m["f1_max"] is not None]),
+            "operating_point": pooled_operating_point(per_cat, ev_params.confidence),
             "pixel_auroc": _mean([m["pixel_auroc"] for m in per_cat.values()]),
             "aupro": _mean([m["aupro"] for m in per_cat.values()]),
             **{f"{key}_ci": _interval(uncertainty.mean_interval(
@@ -334,18 +360,22 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
     return ev
 
 
-HEADLINE_KEYS = ("image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "f1")
+HEADLINE_KEYS = ("image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "false_alarm_rate",
+                 "recall")
 
 
 def headline(summary: dict[str, Any] | None) -> dict[str, float | None]:
     """The few numbers of a model's results that ``dvc metrics show`` lists: image AUROC with its interval, pixel
-    AUROC, AUPRO and ``f1``, the F1 of the calibrated threshold (means over categories; None where undefined or not
-    computed)."""
+    AUROC, AUPRO (means over categories), and the operating point on all test images together: the share of good
+    images its threshold flags and the share of defective ones it catches. Their exact binomial intervals and the
+    false-alarm rate the threshold guarantees are in the details (``operating_point``) and in ``aead results``; the
+    line stays within a screen's width. None where undefined or not computed."""
     summary = summary or {}
     ci = summary.get("image_auroc_ci") or [None, None]
+    op = summary.get("operating_point") or {}
     values = {"image_auroc": summary.get("image_auroc"), "image_auroc_low": ci[0], "image_auroc_high": ci[1],
               "pixel_auroc": summary.get("pixel_auroc"), "aupro": summary.get("aupro"),
-              "f1": summary.get("calibrated_f1")}
+              "false_alarm_rate": op.get("false_alarm_rate"), "recall": op.get("recall")}
     return {k: None if v is None else round(float(v), 4) for k, v in values.items()}
 
 

@@ -37,6 +37,7 @@ class Detector(nn.Module):
         self.mapper = mapper.eval()
         self.image_size = image_size
         self.image_score = image_score
+        self.calibration = calibration
         self.register_buffer("cal", calibration.bounds())
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,6 +60,15 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
     return Detector(mapper, params.data.image_size, params.evaluate.image_score, cal).eval()
 
 
+def operating_point_record(cal: Calibration) -> dict[str, Any]:
+    """The threshold an exported detector applies (raw score; the normalised score's is 0.5) and the false-alarm
+    rate it guarantees (see :mod:`aead.calibration`)."""
+    return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5,
+            "false_alarm_rate_target": cal.false_alarm_rate, "guaranteed_false_alarm_rate": cal.guaranteed_rate,
+            "false_alarm_rate_bound": cal.rate_bound, "bound_confidence": cal.bound_confidence,
+            "n_calibration_good": cal.n_good}
+
+
 MAX_SIDE = 16384  # the largest image side an exported detector accepts
 
 
@@ -73,7 +83,8 @@ def export_detector(detector: Detector, path: Path, example_side: int) -> None:
 
 def export_all(params: Params, models_root: Path, out_dir: Path, method: str) -> dict[str, Any]:
     """Export one detector per model and category into ``out_dir`` (replaced whole), with an ``index.json``."""
-    index: dict[str, Any] = {"method": method, "image_score": params.evaluate.image_score, "files": {}}
+    index: dict[str, Any] = {"method": method, "image_score": params.evaluate.image_score, "files": {},
+                             "operating_points": {}}
     with io.atomic_dir(out_dir) as tmp, torch.no_grad():
         for model in models_of(method, params.evaluate):
             for category in params.data.categories:
@@ -81,5 +92,6 @@ def export_all(params: Params, models_root: Path, out_dir: Path, method: str) ->
                 path = tmp / f"{model}-{category}.pt2"
                 export_detector(detector, path, params.data.image_size)
                 index["files"][f"{model}/{category}"] = path.name
+                index["operating_points"][f"{model}/{category}"] = operating_point_record(detector.calibration)
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn import metrics as skm
 
 from aead.errors import DataError, ParamsError
@@ -161,6 +161,42 @@ def precision_recall_f1_at(labels: Any, scores: Any, threshold: float) -> dict[s
         "fn": fn,
         "tn": tn,
     }
+
+
+def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Exact (Clopper-Pearson) two-sided ``confidence`` interval of a proportion ``successes / trials``; None
+    without trials."""
+    if trials == 0:
+        return None
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be between 0 and {trials}, got {successes}")
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if successes == 0 else float(stats.beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(stats.beta.ppf(1.0 - tail, successes + 1, trials - successes))
+    return low, high
+
+
+def operating_point(labels: Any, scores: Any, threshold: float, confidence: float = 0.95) -> dict[str, Any]:
+    """What flagging ``score >= threshold`` does on a labelled set: the false-alarm rate (good images flagged) and
+    the recall (defective images flagged), each with its exact binomial ``confidence`` interval, precision, F1, the
+    confusion counts, and the trivial rules beside them (flag every image, flag none)."""
+    at = precision_recall_f1_at(labels, scores, threshold)
+    n_good, n_bad = at["fp"] + at["tn"], at["tp"] + at["fn"]
+    prevalence = n_bad / (n_good + n_bad)
+    return {
+        "false_alarm_rate": at["fp"] / n_good if n_good else None,
+        "false_alarm_rate_ci": _pair(binomial_interval(at["fp"], n_good, confidence)),
+        "recall": at["recall"] if n_bad else None,
+        "recall_ci": _pair(binomial_interval(at["tp"], n_bad, confidence)),
+        **{k: at[k] for k in ("precision", "f1", "tp", "fp", "fn", "tn")},
+        "flag_all": {"false_alarm_rate": 1.0, "recall": 1.0, "precision": prevalence,
+                     "f1": 2 * prevalence / (1 + prevalence)},
+        "flag_none": {"false_alarm_rate": 0.0, "recall": 0.0, "precision": 0.0, "f1": 0.0},
+    }
+
+
+def _pair(values: tuple[float, float] | None) -> list[float] | None:
+    return None if values is None else [values[0], values[1]]
 
 
 # ---------------------------------------------------------------------- curve thinning

@@ -244,6 +244,7 @@ class EvaluateParams:
     fused: tuple[PartName, ...]
     bootstrap_resamples: int
     confidence: float
+    false_alarm_rate: float
 
     def check(self) -> None:
         if self.smooth_sigma < 0:
@@ -257,6 +258,9 @@ class EvaluateParams:
         if not 0.5 <= self.confidence < 1.0:
             raise ParamsError(f"evaluate.confidence: expected a level from 0.5 to below 1 (e.g. 0.95), "
                               f"got {self.confidence!r}")
+        if not 0.0 < self.false_alarm_rate < 1.0:
+            raise ParamsError(f"evaluate.false_alarm_rate: expected the share of good images you accept to flag, "
+                              f"strictly between 0 and 1 (e.g. 0.1), got {self.false_alarm_rate!r}")
         if len(self.fused) < 2:
             raise ParamsError(f"evaluate.fused: expected at least two of {', '.join(PARTS)} (the maps the fused map "
                               f"sums), got {list(self.fused)}")

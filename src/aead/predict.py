@@ -131,6 +131,9 @@ def predict(inputs: Iterable[str | Path], model: str, category: str, method: str
     warning = cal.warning()
     if warning:
         log(f"warning: {model}/{category}, method '{method}': {warning}")
+    guarantee = cal.guarantee()
+    if guarantee:
+        log(f"predict: {model}/{category}, method '{method}': {guarantee}")
     inputs = list(inputs)
     files = expand_inputs(inputs)
     if not files:

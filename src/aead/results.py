@@ -14,8 +14,9 @@ import pandas as pd
 from aead.errors import AeadError, DataError
 from aead.params import METHODS, PRETRAINED, models_of, parse_params
 
-HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "calibrated_f1")  # in the evaluation stages' details
-SEED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1")  # in their headline files (f1: of the calibrated threshold)
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro")  # in the evaluation stages' details, with intervals
+OPERATING_POINT = ("false_alarm_rate", "recall")  # in the details' pooled operating point, with intervals
+SEED_METRICS = ("image_auroc", "pixel_auroc", "aupro", "false_alarm_rate", "recall")  # in their headline files
 SEED_KEYS = ("model.seed", "pretrained.seed")  # what `aead seeds` varies, together
 
 
@@ -28,7 +29,8 @@ def read_details(metrics_dir: Path, method: str) -> dict[str, Any]:
 
 
 def results_frame(metrics_dir: Path, methods: Sequence[str] = METHODS) -> pd.DataFrame:
-    """One row per map and model: each headline metric and its interval (mean over categories)."""
+    """One row per map and model: each headline metric and its interval (mean over categories), and the operating
+    point's false-alarm rate and recall with their intervals (all categories' test images together)."""
     rows = []
     for method in methods:
         details = read_details(metrics_dir, method)
@@ -40,6 +42,11 @@ def results_frame(metrics_dir: Path, methods: Sequence[str] = METHODS) -> pd.Dat
                 row[key] = summary.get(key)
                 ci = summary.get(f"{key}_ci") or [None, None]
                 row[f"{key}_low"], row[f"{key}_high"] = ci
+            op = summary.get("operating_point") or {}
+            for key in OPERATING_POINT:
+                row[key] = op.get(key)
+                row[f"{key}_low"], row[f"{key}_high"] = op.get(f"{key}_ci") or [None, None]
+            row["guaranteed_false_alarm_rate"] = op.get("guaranteed_false_alarm_rate")
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -63,13 +70,13 @@ def results_markdown(metrics_dir: Path, confidence: float) -> str:
     """The results table of the run whose metrics are in ``metrics_dir``, as Markdown."""
     frame = results_frame(metrics_dir)
     text = pd.DataFrame({"map": frame["map"], "model": frame["model"]})
-    for key in ("image_auroc", "pixel_auroc", "aupro"):
+    for key in HEADLINE + OPERATING_POINT:
         text[key] = [_cell(v, lo, hi) for v, lo, hi in zip(frame[key], frame[f"{key}_low"], frame[f"{key}_high"])]
-    text["calibrated_f1"] = [_cell(v) for v in frame["calibrated_f1"]]
     level = f"{confidence:.0%}"
     return markdown(text, {"map": "map", "model": "model", "image_auroc": f"image AUROC [{level} CI]",
                            "pixel_auroc": f"pixel AUROC [{level} CI]", "aupro": f"AUPRO [{level} CI]",
-                           "calibrated_f1": "calibrated F1"})
+                           "false_alarm_rate": f"good flagged [{level} CI]",
+                           "recall": f"defects caught [{level} CI]"})
 
 
 def _nodes(tree: Any) -> Iterator[dict[str, Any]]:
@@ -148,7 +155,8 @@ def seeds_markdown(frame: pd.DataFrame) -> str:
                 cells[key] = "n/a"
         rows.append(cells)
     return markdown(pd.DataFrame(rows), {"map": "map", "model": "model", "image_auroc": "image AUROC",
-                                          "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "f1": "calibrated F1"})
+                                          "pixel_auroc": "pixel AUROC", "aupro": "AUPRO",
+                                          "false_alarm_rate": "good flagged", "recall": "defects caught"})
 
 
 def run_seed_experiments(seeds: Sequence[int], queue: bool = False) -> None:

@@ -113,6 +113,8 @@ def test_unknown_category_is_a_clear_error(pipeline):
                            "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
                            "--out", str(work / "out2")], capture_output=True, text=True)
     assert proc.returncode == 1 and "gizmo" in proc.stderr and "not found" in proc.stderr, proc.stderr
+    categories = yaml.safe_load((work / "params.yaml").read_text())["data"]["categories"]
+    assert f"trained for {', '.join(categories)}" in proc.stderr, "the error lists the categories there are"
 
 
 def test_folders_are_searched_recursively_and_outputs_keep_relative_paths(pipeline, tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 from aead import io
 from aead.calibration import Calibration
 from aead.data import IMAGE_EXTENSIONS, read_image, resize_image
-from aead.errors import AeadError, CheckpointError, DataError
+from aead.errors import AeadError, CheckpointError, DataError, ParamsError
 from aead.evaluation import TrainedModels, require_trained, scoring_batch_size
 from aead.params import Params, parts_of
 from aead.scoring import AnomalyMapper, Inputs, score_inputs
@@ -104,6 +104,9 @@ def load_trained(params: Params, models_root: Path, model: str, category: str, m
                  device: torch.device) -> tuple[AnomalyMapper, Calibration]:
     """The method's map for ``model`` and ``category`` (with the fused map's statistics) and the threshold
     calibrated for it by the evaluation stage."""
+    if category not in params.data.categories:
+        raise ParamsError(f"--category {category}: not found; the models are trained for "
+                          f"{', '.join(params.data.categories)} (data.categories)")
     require_trained(params, method)
     mapper = TrainedModels(params, models_root, device).mapper(method, model, category)
     cal, fusion = load_calibration(models_root / f"calibration-{method}.json", method, model, category, params)

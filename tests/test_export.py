@@ -40,6 +40,8 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         eager = build_detector(params, work / "models", model, category, method)
         point = index["operating_points"][key]  # the threshold it applies and the rate it guarantees
         assert point["raw_threshold"] == eager.calibration.threshold and point["normalized_threshold"] == 0.5
+        assert point["raw_pixel_threshold"] == point["raw_threshold"]
+        assert tuple(point["map_shape"]) == eager.mapper.out_shape  # the map's shape, before resizing to the input
         assert point["false_alarm_rate_target"] == params.evaluate.false_alarm_rate
         assert point["guaranteed_false_alarm_rate"] == pytest.approx(1 / (point["n_calibration_good"] + 1))
         scripted = torch.export.load(str(tmp_path / "export" / name)).module()

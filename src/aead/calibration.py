@@ -148,5 +148,5 @@ def calibrate(good: Any, synthetic: Any, false_alarm_rate: float = 0.1, confiden
                        high=float(max(scores.max(), threshold)), n_good=int(n), n_synthetic=int(synthetic.size),
                        validation_auroc=metrics.auroc(labels, scores),
                        good_flagged=float(np.mean(good >= threshold)), false_alarm_rate=float(false_alarm_rate),
-                       guaranteed_rate=1.0 - k / (n + 1), rate_bound=rate_bound(n, k, confidence),
+                       guaranteed_rate=(n + 1 - k) / (n + 1), rate_bound=rate_bound(n, k, confidence),
                        bound_confidence=float(confidence), synthetic_recall=float(np.mean(synthetic >= threshold)))

@@ -61,9 +61,10 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
 
 
 def operating_point_record(cal: Calibration) -> dict[str, Any]:
-    """The threshold an exported detector applies (raw score; the normalised score's is 0.5) and the false-alarm
-    rate it guarantees (see :mod:`aead.calibration`)."""
-    return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5,
+    """The threshold an exported detector applies (raw score; the normalised score's is 0.5), the false-alarm rate it
+    guarantees (see :mod:`aead.calibration`), and the pixel threshold ``aead predict`` draws its defect masks with:
+    the same raw value, applied to the anomaly map after a bilinear resize to the input image's size."""
+    return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5, "raw_pixel_threshold": cal.threshold,
             "false_alarm_rate_target": cal.false_alarm_rate, "guaranteed_false_alarm_rate": cal.guaranteed_rate,
             "false_alarm_rate_bound": cal.rate_bound, "bound_confidence": cal.bound_confidence,
             "n_calibration_good": cal.n_good}
@@ -92,6 +93,7 @@ def export_all(params: Params, models_root: Path, out_dir: Path, method: str) ->
                 path = tmp / f"{model}-{category}.pt2"
                 export_detector(detector, path, params.data.image_size)
                 index["files"][f"{model}/{category}"] = path.name
-                index["operating_points"][f"{model}/{category}"] = operating_point_record(detector.calibration)
+                index["operating_points"][f"{model}/{category}"] = {
+                    **operating_point_record(detector.calibration), "map_shape": list(detector.mapper.out_shape)}
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index

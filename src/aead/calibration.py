@@ -20,7 +20,7 @@ and the highest at 1 (clipped to [0, 1]); the map is monotone, so AUROC and the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -65,13 +65,18 @@ class Calibration:
     def from_dict(cls, raw: dict[str, Any]) -> Calibration:
         """The calibration a :meth:`to_dict` wrote (files from before the diagnostics or the operating point lack
         them)."""
-        optional = [f.name for f in fields(cls)][5:]
+        optional = [f.name for f in fields(cls) if f.default is not MISSING]
         return cls(**{k: raw[k] for k in ("threshold", "low", "high", "n_good", "n_synthetic")},
                    **{k: raw.get(k) for k in optional})
 
     def needed_good_images(self) -> int | None:
         """How many validation good images the rate asked for needs (None without one)."""
         return None if self.false_alarm_rate is None else needed_good_images(self.false_alarm_rate)
+
+    def guarantee_record(self) -> dict[str, Any]:
+        """What the threshold promises about good images, as the metrics and the export's index write it."""
+        return {"false_alarm_rate_target": self.false_alarm_rate, "guaranteed_false_alarm_rate": self.guaranteed_rate,
+                "false_alarm_rate_bound": self.rate_bound, "n_calibration_good": self.n_good}
 
     def guarantee(self) -> str | None:
         """One sentence on the false-alarm rate this threshold guarantees, or None for a calibration without it."""

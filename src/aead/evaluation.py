@@ -188,13 +188,6 @@ def bootstrap(result: CategoryResult, image_score: str, category: str, resamples
                                          None if masks is None else result.maps, result.has_mask)
 
 
-def _guarantee(cal: Calibration) -> dict[str, Any]:
-    """What a calibration's threshold promises about good images (see :mod:`aead.calibration`)."""
-    return {"false_alarm_rate_target": cal.false_alarm_rate, "guaranteed_false_alarm_rate": cal.guaranteed_rate,
-            "false_alarm_rate_bound": cal.rate_bound, "n_calibration_good": cal.n_good,
-            "needed_calibration_good": cal.needed_good_images()}
-
-
 def pooled_operating_point(per_cat: dict[str, dict[str, Any]], confidence: float) -> dict[str, Any]:
     """The operating point over all categories' test images together (counts summed): the share of all good images
     flagged and of all defective ones caught, with exact binomial intervals, and the flag-all rule's precision and
@@ -203,9 +196,7 @@ def pooled_operating_point(per_cat: dict[str, dict[str, Any]], confidence: float
     if not points:
         return {}
     tp, fp, fn, tn = (sum(p[k] for p in points) for k in ("tp", "fp", "fn", "tn"))
-    labels = np.r_[np.ones(tp + fn, int), np.zeros(fp + tn, int)]
-    flagged = np.r_[np.ones(tp), np.zeros(fn), np.ones(fp), np.zeros(tn)]
-    pooled = metrics.operating_point(labels, flagged, 0.5, confidence) if tp + fn and fp + tn else {}
+    pooled = metrics.operating_point_of(tp, fp, fn, tn, confidence) if tp + fn and fp + tn else {}
     guaranteed = [p["guaranteed_false_alarm_rate"] for p in points if p["guaranteed_false_alarm_rate"] is not None]
     pooled["guaranteed_false_alarm_rate"] = max(guaranteed) if guaranteed else None
     return pooled
@@ -238,7 +229,8 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
     if calibration is not None:
         out["calibrated_threshold"] = calibration.threshold
         out["operating_point"] = {**metrics.operating_point(labels, headline, calibration.threshold, confidence),
-                                  **_guarantee(calibration)}
+                                  **calibration.guarantee_record(),
+                                  "needed_calibration_good": calibration.needed_good_images()}
         out["calibration_validation"] = {"auroc": calibration.validation_auroc,
                                          "good_flagged": calibration.good_flagged,
                                          "synthetic_recall": calibration.synthetic_recall}
@@ -367,9 +359,9 @@ HEADLINE_KEYS = ("image_auroc", "image_auroc_low", "image_auroc_high", "pixel_au
 def headline(summary: dict[str, Any] | None) -> dict[str, float | None]:
     """The few numbers of a model's results that ``dvc metrics show`` lists: image AUROC with its interval, pixel
     AUROC, AUPRO (means over categories), and the operating point on all test images together: the share of good
-    images its threshold flags and the share of defective ones it catches. Their exact binomial intervals and the
-    false-alarm rate the threshold guarantees are in the details (``operating_point``) and in ``aead results``; the
-    line stays within a screen's width. None where undefined or not computed."""
+    images its threshold flags and the share of defective ones it catches. Their exact binomial intervals are in
+    the details (``operating_point``, with the false-alarm rate the threshold guarantees) and in ``aead results``;
+    the line stays within a screen's width. None where undefined or not computed."""
     summary = summary or {}
     ci = summary.get("image_auroc_ci") or [None, None]
     op = summary.get("operating_point") or {}

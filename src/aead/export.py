@@ -65,9 +65,7 @@ def operating_point_record(cal: Calibration) -> dict[str, Any]:
     guarantees (see :mod:`aead.calibration`), and the pixel threshold ``aead predict`` draws its defect masks with:
     the same raw value, applied to the anomaly map after a bilinear resize to the input image's size."""
     return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5, "raw_pixel_threshold": cal.threshold,
-            "false_alarm_rate_target": cal.false_alarm_rate, "guaranteed_false_alarm_rate": cal.guaranteed_rate,
-            "false_alarm_rate_bound": cal.rate_bound, "bound_confidence": cal.bound_confidence,
-            "n_calibration_good": cal.n_good}
+            **cal.guarantee_record(), "bound_confidence": cal.bound_confidence}
 
 
 MAX_SIDE = 16384  # the largest image side an exported detector accepts

@@ -148,7 +148,11 @@ def precision_recall_f1_at(labels: Any, scores: Any, threshold: float) -> dict[s
     tp = int(np.count_nonzero(pred & y))
     fp = int(np.count_nonzero(pred & ~y))
     fn = int(np.count_nonzero(~pred & y))
-    tn = int(y.size - tp - fp - fn)
+    return precision_recall_f1_of(tp, fp, fn, int(y.size - tp - fp - fn))
+
+
+def precision_recall_f1_of(tp: int, fp: int, fn: int, tn: int) -> dict[str, float | int]:
+    """Precision, recall and F1 of these confusion counts, with the counts (undefined ratios are 0.0)."""
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2.0 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
@@ -177,17 +181,23 @@ def binomial_interval(successes: int, trials: int, confidence: float = 0.95) -> 
 
 
 def operating_point(labels: Any, scores: Any, threshold: float, confidence: float = 0.95) -> dict[str, Any]:
-    """What flagging ``score >= threshold`` does on a labelled set: the false-alarm rate (good images flagged) and
-    the recall (defective images flagged), each with its exact binomial ``confidence`` interval, precision, F1, the
-    confusion counts, and the trivial rules beside them (flag every image, flag none)."""
+    """What flagging ``score >= threshold`` does on a labelled set (see :func:`operating_point_of`)."""
     at = precision_recall_f1_at(labels, scores, threshold)
-    n_good, n_bad = at["fp"] + at["tn"], at["tp"] + at["fn"]
+    return operating_point_of(at["tp"], at["fp"], at["fn"], at["tn"], confidence)
+
+
+def operating_point_of(tp: int, fp: int, fn: int, tn: int, confidence: float = 0.95) -> dict[str, Any]:
+    """The operating point of these confusion counts: the false-alarm rate (good images flagged) and the recall
+    (defective images flagged), each with its exact binomial ``confidence`` interval, precision, F1, the counts,
+    and the trivial rules beside them (flag every image, flag none)."""
+    at = precision_recall_f1_of(tp, fp, fn, tn)
+    n_good, n_bad = fp + tn, tp + fn
     prevalence = n_bad / (n_good + n_bad)
     return {
-        "false_alarm_rate": at["fp"] / n_good if n_good else None,
-        "false_alarm_rate_ci": _pair(binomial_interval(at["fp"], n_good, confidence)),
+        "false_alarm_rate": fp / n_good if n_good else None,
+        "false_alarm_rate_ci": _pair(binomial_interval(fp, n_good, confidence)),
         "recall": at["recall"] if n_bad else None,
-        "recall_ci": _pair(binomial_interval(at["tp"], n_bad, confidence)),
+        "recall_ci": _pair(binomial_interval(tp, n_bad, confidence)),
         **{k: at[k] for k in ("precision", "f1", "tp", "fp", "fn", "tn")},
         "flag_all": {"false_alarm_rate": 1.0, "recall": 1.0, "precision": prevalence,
                      "f1": 2 * prevalence / (1 + prevalence)},

@@ -46,7 +46,6 @@ def results_frame(metrics_dir: Path, methods: Sequence[str] = METHODS) -> pd.Dat
             for key in OPERATING_POINT:
                 row[key] = op.get(key)
                 row[f"{key}_low"], row[f"{key}_high"] = op.get(f"{key}_ci") or [None, None]
-            row["guaranteed_false_alarm_rate"] = op.get("guaranteed_false_alarm_rate")
             rows.append(row)
     return pd.DataFrame(rows)
 

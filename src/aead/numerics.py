@@ -8,19 +8,16 @@ Xeon by limiting oneDNN to AVX2 or changing the thread count), the causes were:
   and cache size, and its backward passes reduce over threads;
 * PyTorch's own vectorised kernels are compiled per instruction set (AVX2, AVX-512) and dispatched at run time,
   and MKL's matrix products likewise;
+* MKL splits a matrix product's inner dimension over threads where its reproducible mode is unavailable (on AMD
+  CPUs: it accepts that mode on Intel CPUs only), as in a convolution's weight gradient;
 * batch normalisation on channels-last tensors sums per thread.
 
 Training then amplifies the last-bit differences: two runs ended 0.08 image AUROC apart. :func:`configure` routes
-every CPU computation through kernels that do not depend on any of these: fp32, convolutions by PyTorch's own
-im2col + matrix product instead of oneDNN, PyTorch's AVX2 kernels on every CPU that has AVX2
-(``ATEN_CPU_CAPABILITY``), MKL's conditional numerical reproducibility for AVX2 in its strict, thread-independent
-mode (``MKL_CBWR``), and NCHW tensors. It costs speed (``benchmarks/determinism.py`` measures it) and changes nothing
-on a GPU.
-
-MKL honours that mode on Intel CPUs only: on an AMD EPYC it reports its ``AUTO`` branch instead, and its matrix
-products with a long inner dimension (the weight gradients of 1x1 and transposed convolutions of the width-4 test
-models) then split that dimension over threads, so 1 and 2 threads gave other weights. Where MKL does not confirm
-the pinned branch, :func:`configure` runs the process on one thread (:func:`mkl_branch_pinned`).
+every CPU computation of a training process through kernels that do not depend on any of these: fp32, no oneDNN,
+PyTorch's AVX2 kernels on every CPU that has AVX2 (``ATEN_CPU_CAPABILITY``), MKL's reproducible AVX2 mode where it
+has one (``MKL_CBWR``) and one MKL thread per matrix product, NCHW tensors; and the training loops run their
+convolutions in :class:`aead.kernels.PinnedKernels`: fixed pieces, one single-threaded matrix product each, on all
+threads (``benchmarks/determinism.py`` measures what it costs). Nothing changes on a GPU.
 """
 
 from __future__ import annotations
@@ -32,10 +29,9 @@ from pathlib import Path
 import torch
 
 from aead.errors import ParamsError
+from aead.kernels import PinnedKernels
 
 PINNED_CAPABILITY = "AVX2"
-MKL_CBWR_BRANCH = 1  # mkl_cbwr_get's option that asks for the active branch
-MKL_CBWR_AVX2 = 10  # the value it answers when the AVX2 branch is active (MKL_CBWR_AUTO is 2)
 
 
 def configure(deterministic: bool, device: torch.device) -> None:
@@ -50,19 +46,17 @@ def configure(deterministic: bool, device: torch.device) -> None:
     if active != PINNED_CAPABILITY and _has_avx2():
         raise ParamsError(f"model.deterministic: PyTorch already chose its {active} kernels before they could be "
                           f"pinned to {PINNED_CAPABILITY}; set ATEN_CPU_CAPABILITY=avx2 in the environment")
-    if not mkl_branch_pinned():
-        torch.set_num_threads(1)
+    # every matrix product of this thread on one MKL thread, so that none splits its inner dimension over threads
+    # (PinnedKernels runs many products at once); PyTorch sets this thread's own count from MKL's at its first use,
+    # so that comes first
+    torch.get_num_threads()
+    ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local(1)
 
 
-def mkl_branch_pinned() -> bool:
-    """Whether MKL runs the pinned AVX2 branch of its reproducible mode, as it reports it (``mkl_cbwr_get``, which
-    torch's library exports as ``mkl_serv_cbwr_get``). False where it fell back to another branch, e.g. on AMD CPUs,
-    and where it cannot be asked."""
-    try:
-        lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
-        return lib.mkl_serv_cbwr_get(ctypes.c_int(MKL_CBWR_BRANCH)) & 0xFFFF == MKL_CBWR_AVX2  # without STRICT's bit
-    except (OSError, AttributeError):
-        return False
+def training_kernels() -> PinnedKernels | None:
+    """The convolution kernels pinned training runs its forward passes in (None where the numerics are not pinned):
+    ``with`` it, convolutions take :mod:`aead.kernels`' thread-count-independent pieces, on all threads."""
+    return PinnedKernels() if is_pinned() else None
 
 
 def is_pinned() -> bool:

@@ -128,8 +128,9 @@ def autocast_for(device: torch.device, precision: str = "auto", deterministic: b
 
     ``fp32``: none. ``bf16``: bf16 autocast. ``auto``: bf16 on CUDA GPUs, fp16 with a GradScaler on older GPUs; on
     CPUs fp32 when ``deterministic`` (bf16 kernels differ between CPUs), else bf16 where the CPU computes it natively.
-    Weights, optimiser and loss stay fp32."""
-    if precision == "fp32":
+    Weights, optimiser and loss stay fp32. On a CPU with ``deterministic`` in a process whose numerics are pinned
+    (training), the context is fp32 in :func:`aead.numerics.training_kernels`' convolutions."""
+    if precision == "fp32" and not (deterministic and device.type == "cpu"):
         return nullcontext(), None
     if device.type == "cuda":
         if precision == "bf16" or torch.cuda.is_bf16_supported():
@@ -139,7 +140,7 @@ def autocast_for(device: torch.device, precision: str = "auto", deterministic: b
         if precision == "bf16":
             raise ParamsError("model.precision: bf16 on a CPU gives other results on other CPUs, which "
                               "model.deterministic: true rules out; use auto or fp32, or set model.deterministic: false")
-        return nullcontext(), None
+        return numerics.training_kernels() or nullcontext(), None
     if precision == "bf16" or cpu_has_bf16():
         return torch.autocast("cpu", dtype=torch.bfloat16), None
     return nullcontext(), None

@@ -2,6 +2,7 @@
 in torch.export format: `torch.export.load(path).module()` scores a uint8 (H, W, 3) image with torch alone."""
 
 import argparse
+import time
 from pathlib import Path
 
 from aead import io
@@ -20,12 +21,14 @@ def main() -> None:
     parser.add_argument("--plot", default="plots/export.csv")
     args = parser.parse_args()
     params = load_params(args.params)
+    start = time.perf_counter()
     index = export_all(params, Path(args.models_root), Path(args.out), args.method or params.export.method)
     log(f"exported {len(index['files'])} detectors to {args.out}")
     sizes = [{"model_category": k, "bytes": (Path(args.out) / v).stat().st_size} for k, v in index["files"].items()]
     io.write_csv(args.plot, sizes, ["model_category", "bytes"])
     io.write_metrics(args.metrics_dir, "export", None,
-                     {"method": index["method"], "detectors": len(sizes), "total_bytes": sum(r["bytes"] for r in sizes)})
+                     {"method": index["method"], "detectors": len(sizes), "total_bytes": sum(r["bytes"] for r in sizes),
+                      "export_seconds": round(time.perf_counter() - start, 2)})
 
 
 if __name__ == "__main__":

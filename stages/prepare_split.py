@@ -1,6 +1,7 @@
 """Stage prepare-split: manifests and cached arrays for train / val / test (params: data.*)."""
 
 import argparse
+import time
 
 from aead import io
 from aead.cli import log, run_stage
@@ -14,7 +15,9 @@ def main() -> None:
     parser.add_argument("--metrics-dir", default="metrics")
     parser.add_argument("--plot", default="plots/split-counts.csv")
     args = parser.parse_args()
+    start = time.perf_counter()
     metrics, rows = prepare_split(load_params(args.params).data, log=log)
+    metrics["prepare_seconds"] = round(time.perf_counter() - start, 2)
     io.write_metrics(args.metrics_dir, "prepare-split", None, metrics)
     io.write_csv(args.plot, rows, ["category", "split", "count"])
 

@@ -1,6 +1,7 @@
 """Stage synthesize: generate the embedded synthetic MVTec-layout data set (params: synthetic.*)."""
 
 import argparse
+import time
 
 from aead import io
 from aead.cli import log, run_stage
@@ -15,11 +16,13 @@ def main() -> None:
     parser.add_argument("--plot", default="plots/synthesize-counts.csv")
     args = parser.parse_args()
     p = load_params(args.params).synthetic
+    start = time.perf_counter()
     counts = generate_dataset(p.root, p.categories, p.image_size, p.n_train, p.n_test_good, p.n_test_defect, p.seed,
                               progress=log)
     images = sum(v for per in counts.values() for v in per.values())
     io.write_metrics(args.metrics_dir, "synthesize", None,
-                     {"image_size": p.image_size, "images": images, "categories": counts})
+                     {"image_size": p.image_size, "images": images, "categories": counts,
+                      "generate_seconds": round(time.perf_counter() - start, 2)})
     rows = [{"category": c, "folder": k, "count": v} for c, per in counts.items() for k, v in per.items()]
     io.write_csv(args.plot, rows, ["category", "folder", "count"])
 

@@ -58,3 +58,27 @@ def test_aspect_ratio_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     shapes = {name: Image.open(next((tmp_path / "w" / f"data-{name}" / "strip" / "test" / "good").iterdir())).size
               for name in ("kept", "squashed")}
     assert shapes == {"kept": (384, 128), "squashed": (128, 128)}
+
+
+def test_pipeline_benchmark_finds_every_stage_details_and_counts_totals_once(repo_root):
+    """benchmarks/pipeline.py (a full `dvc repro`, too long for the suite) maps each stage DVC announces to the
+    details file the stage writes, and counts a total beside its per-category parts once."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.spec_from_file_location("pipeline_bench", repo_root / "benchmarks" / "pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for item in stage.get("foreach", [None]):
+            body = stage["do"] if item is not None else stage
+            outs = [next(iter(o)) if isinstance(o, dict) else o for o in body["outs"]]
+            stage_name = f"{name}@{item}" if item is not None else name
+            expected = f"metrics/details/{bench.details_file(stage_name)}"
+            assert any(o.replace("${item}", str(item)) == expected for o in outs), (stage_name, outs)
+    details = {"train_seconds": 10.0, "categories": {"a": {"train_seconds": 4.0}, "b": {"train_seconds": 6.0}}}
+    assert bench.recorded_seconds(details) == 10.0
+    nested = {"m": {"categories": {"a": {"scoring_seconds": 1.0, "metrics_seconds": 0.5}, "b": {"scoring_seconds": 2.0}}}}
+    assert bench.recorded_seconds(nested) == 3.5 and bench.recorded_seconds(nested, bench.NARROW) == 3.0

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
+from scipy import special
 from torch import Tensor
 
 from aead import metrics
@@ -132,7 +132,7 @@ def rate_bound(n: int, k: int, confidence: float) -> float:
     """The false-alarm rate that the threshold at the ``k``-th smallest of ``n`` exchangeable good scores stays
     under with probability ``confidence`` over the draw of those scores: its rate is Beta(n + 1 - k, k)
     distributed."""
-    return float(stats.beta.ppf(confidence, n + 1 - k, k))
+    return float(special.betaincinv(n + 1 - k, k, confidence))  # the Beta quantile, as scipy.stats.beta.ppf
 
 
 def calibrate(good: Any, synthetic: Any, false_alarm_rate: float = 0.1, confidence: float = 0.95) -> Calibration:

@@ -303,20 +303,27 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
         for cat in cats:
             mapper = trained.mapper(method, model_name, cat)
             split = test.select([cat])
+            start = time.perf_counter()
             val_inputs, _ = category_inputs(mapper, val.select([cat]))
             if len(mapper.parts) > 1:
                 mapper.fusion.copy_(fusion_statistics(mapper, val_inputs, batch, device, autocast))
                 ev.fusion[model_name][cat] = mapper.fusion.tolist()
+            validation_seconds = time.perf_counter() - start
             keep = heatmap_indices(split.samples) if heatmap_indices else None
             log(f"[{method}] {model_name}/{cat}: scoring {len(split.samples)} test images on {device}")
             result = score_category(mapper, split, params, device, batch, keep=keep)
+            start = time.perf_counter()
             cal = calibrate_on_validation(mapper, val_inputs, params, device, batch)
+            validation_seconds += time.perf_counter() - start
             ev.results[model_name][cat] = result
             ev.calibration[model_name][cat] = cal
+            start = time.perf_counter()
             resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples)
             per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
             per_cat[cat].update(scoring_seconds=round(result.scoring_seconds, 3),
-                                scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds))
+                                scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds),
+                                validation_seconds=round(validation_seconds, 3),
+                                metrics_seconds=round(time.perf_counter() - start, 3))
             if "calibration_warning" in per_cat[cat]:
                 log(f"warning: [{method}] {model_name}/{cat}: {per_cat[cat]['calibration_warning']}")
             pooled_labels.append(result.labels)

@@ -71,7 +71,7 @@ def test_unreadable_files_are_listed_and_do_not_stop_the_others(pipeline, tmp_pa
     shutil.copy(root / "widget" / "test" / "good" / "000.png", tmp_path / "fine.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     proc = run_predict(work, str(tmp_path))
-    assert proc.returncode == 2
+    assert proc.returncode == 3  # not 2: argparse's code for a bad command line, when nothing ran
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(work / "out" / "predictions.csv"))}
     assert rows["fine.png"]["verdict"] in ("good", "anomalous") and not rows["fine.png"]["error"]
     assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["verdict"] == ""
@@ -149,3 +149,12 @@ def test_two_inputs_with_the_same_name_get_outputs_of_their_own(pipeline, tmp_pa
     a, b = rows[str(tmp_path / "a" / "x.png")], rows[str(tmp_path / "b" / "x.png")]
     assert (a["relative_path"], b["relative_path"]) == ("x.png", "x~2.png")
     assert Path(a["heatmap"]).is_file() and Path(b["heatmap"]).is_file() and a["heatmap"] != b["heatmap"]
+
+
+def test_exit_codes_tell_a_bad_command_line_from_unreadable_images(tmp_path):
+    """A bad command line is argparse's 2 with nothing written; 3 (partly scored) and 1 (nothing scored) are the
+    others (the tests above)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--category" in proc.stderr and not out.exists()

@@ -11,6 +11,10 @@ from aead.cli import log, run_stage
 from aead.errors import ParamsError
 from aead.params import METHODS, MODEL_NAMES, PRETRAINED, load_params, models_of
 
+# aead predict's exit code when some images could not be read and the others were scored: neither 1 (an error,
+# nothing scored) nor 2 (argparse's code for a bad command line, nothing run)
+PARTIAL_FAILURE = 3
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="aead", description=__doc__)
@@ -18,8 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("predict", help="score images or folders of images with a trained model",
                        description="Writes <out>/predictions.csv (path, relative path, category, normalised score, "
                                    "verdict, raw score, files, error) and per image a heatmap overlay and a defect "
-                                   "mask PNG at the image's size, as <out>/<relative path>_heatmap.png and _mask.png. Exit code 0: all images scored; 2: some could not be read "
-                                   "(listed in the CSV); 1: bad arguments, params or model.")
+                                   "mask PNG at the image's size, as <out>/<relative path>_heatmap.png and _mask.png. Exit code 0: all "
+                                   "images scored; 3: some could not be read (listed in the CSV, the others "
+                                   "scored); 1: bad params, model or input path, nothing scored; 2: bad command "
+                                   "line, nothing run.")
     p.add_argument("inputs", nargs="+", help="image files, or folders searched recursively for images (outputs keep "
                                              "each image's path relative to its folder)")
     p.add_argument("--model", choices=(*MODEL_NAMES, PRETRAINED),
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     run_stage(run)
     if failed and failed[0]:
-        sys.exit(2)
+        sys.exit(PARTIAL_FAILURE)
 
 
 def _results(metrics_dir: str, params_path: str) -> str:

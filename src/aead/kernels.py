@@ -61,8 +61,7 @@ class _Pool:
 
     def scratch(self, slot: int, shape: Sequence[int]) -> Tensor:
         """A float32 buffer of ``shape`` that the calling thread reuses (one per ``slot``, for what a piece needs
-        at once):
-        a fresh allocation of this size costs a page fault per 4 KiB, more than filling it."""
+        at once): a fresh allocation of this size costs a page fault per 4 KiB, more than filling it."""
         buffers = self.local.__dict__.setdefault("buffers", {})
         numel = math.prod(shape)
         if slot not in buffers or buffers[slot].numel() < numel:

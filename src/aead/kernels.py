@@ -100,12 +100,16 @@ class _Pool:
             self.executor = None
 
 
+def torch_cpu_library() -> ctypes.CDLL:
+    """torch's CPU library, which holds (and exports) MKL."""
+    return ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+
+
 def _libraries() -> tuple[Any, Any]:
-    """(torch's CPU library, which holds MKL; the OpenMP runtime PyTorch loaded, or None)."""
-    torch_cpu = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    """(torch's CPU library; the OpenMP runtime PyTorch loaded, or None)."""
     with open("/proc/self/maps") as fh:
         omp = next((line.split()[-1] for line in fh if "libgomp" in line or "libiomp" in line), None)
-    return torch_cpu, (ctypes.CDLL(omp) if omp else None)
+    return torch_cpu_library(), (ctypes.CDLL(omp) if omp else None)
 
 
 def _set_threads(torch_cpu: Any, omp: Any, mkl_threads: int, omp_threads: int) -> None:

@@ -22,14 +22,12 @@ threads (``benchmarks/determinism.py`` measures what it costs). Nothing changes 
 
 from __future__ import annotations
 
-import ctypes
 import os
-from pathlib import Path
 
 import torch
 
 from aead.errors import ParamsError
-from aead.kernels import PinnedKernels
+from aead.kernels import PinnedKernels, torch_cpu_library
 
 PINNED_CAPABILITY = "AVX2"
 
@@ -50,7 +48,7 @@ def configure(deterministic: bool, device: torch.device) -> None:
     # (PinnedKernels runs many products at once); PyTorch sets this thread's own count from MKL's at its first use,
     # so that comes first
     torch.get_num_threads()
-    ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local(1)
+    torch_cpu_library().MKL_Set_Num_Threads_Local(1)
 
 
 def training_kernels() -> PinnedKernels | None:

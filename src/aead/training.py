@@ -262,7 +262,7 @@ def train_autoencoder(
             state["seen"] += e - s
         train_loss = float(all_reduce_sum(total, dist_ctx)) / max(trained, 1)
         _sync_buffers(model, dist_ctx)
-        val_loss = validation_loss(model, val_x, params, device, dist_ctx)
+        val_loss = validation_loss(model, val_x, params, device, dist_ctx, autocast)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             if resume is not None and dist_ctx.is_main:
                 resume.unlink(missing_ok=True)
@@ -482,11 +482,14 @@ VAL_CHUNK = 64
 
 @torch.inference_mode()
 def validation_loss(model: nn.Module, val: ImageSource, params: ModelParams, device: torch.device,
-                    dist_ctx: DistContext = SINGLE) -> float:
+                    dist_ctx: DistContext = SINGLE, autocast: Any = None) -> float:
     """Mean training objective (eval mode) of reconstructing the validation images from their corrupted
-    copies (the clean images when training without corruption). Chunks are shared out across processes."""
+    copies (the clean images when training without corruption). Chunks are shared out across processes.
+    ``autocast``: the training loop's context (:func:`autocast_for`), so that every epoch reuses its kernels' threads
+    and buffers; None makes one."""
     model.eval()
-    autocast, _ = autocast_for(device, params.precision, params.deterministic)
+    if autocast is None:
+        autocast, _ = autocast_for(device, params.precision, params.deterministic)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     n = len(val)
     for k, c in enumerate(range(0, n, VAL_CHUNK)):

@@ -74,7 +74,7 @@ def end_to_end(images: int, size: int) -> dict:
     rng = np.random.default_rng(0)
     train = rng.integers(0, 256, size=(images, size, size, 3), dtype=np.uint8)
     start = time.perf_counter()
-    memory, stats = fill_pretrained_bank(pretrained_memory(params), train, params.coreset_method, params.coreset_ratio,
+    memory, stats, _ = fill_pretrained_bank(pretrained_memory(params), train, params.coreset_method, params.coreset_ratio,
                                          params.max_bank_size, params.seed, torch.device("cpu"), params.batch_size,
                                          log=lambda m: None)
     build = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Stage build-pretrained-bank: PatchCore on a frozen ImageNet backbone, the memory bank of each category's
-training images at its own image shape (params: pretrained.*, data.categories, data.prepared_dir, model.device,
-model.num_threads). Nothing is trained."""
+training images at its own image shape, and SimpleNet's feature discriminator trained on the same patch features
+(params: pretrained.*, data.categories, data.prepared_dir, model.device, model.num_threads, model.deterministic). The
+backbone is not trained."""
 
 import argparse
 from pathlib import Path
@@ -20,10 +21,11 @@ def main() -> None:
     args = parser.parse_args()
     metrics = build_pretrained_banks_and_save(load_params(args.params), Path(args.out), log=log)
     io.write_metrics(args.metrics_dir, "pretrained-bank", {"bank_size": metrics["bank_size"]}, metrics)
-    rows = [{"category": c, "height": m["shape"][0], "width": m["shape"][1],
-             **{k: v for k, v in m.items() if k != "shape"}} for c, m in metrics["categories"].items()]
+    rows = [{"category": c, "height": m["shape"][0], "width": m["shape"][1], "discriminator_seconds": "",
+             "discriminator_final_loss": "", **{k: v for k, v in m.items() if k != "shape"}}
+            for c, m in metrics["categories"].items()]
     io.write_csv(args.plot, rows, ["category", "height", "width", "images", "patches", "bank_size", "build_seconds",
-                                   "build_images_per_second"])
+                                   "build_images_per_second", "discriminator_seconds", "discriminator_final_loss"])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
                                               all categories, the seed's setting)
 ``models/heads/<model>/<category>.pt``       its segmentation head (stage ``train-head@<model>``)
 ``models/banks/<model>/<category>.pt``       the memory bank of its encoder (stage ``build-bank@<model>``)
-``models/pretrained/<category>.pt``          the memory bank of a frozen ImageNet backbone (``build-pretrained-bank``);
-                                              the backbone's weights are not stored, they come from their package
+``models/pretrained/<category>.pt``          the memory bank of a frozen ImageNet backbone and the feature discriminator
+                                              trained on its features (``build-pretrained-bank``); the backbone's
+                                              weights are not stored, they come from their package
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch import nn
 from aead import io
 from aead.backbones import build_backbone
 from aead.errors import CheckpointError
-from aead.torch_model import PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head, build_model
+from aead.torch_model import (FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head,
+                              build_model)
 
 FORMAT_VERSION = 2
 JOINT = "joint"
@@ -133,23 +135,38 @@ def load_encoder_bank(path: str | Path, device: torch.device | str = "cpu") -> P
 
 
 def save_pretrained_bank(path: str | Path, memory: PretrainedPatchMemory, meta: dict[str, Any]) -> None:
-    """Write a pretrained memory bank (the bank only: the backbone is rebuilt from its package when loaded).
-    ``meta`` must hold backbone, layers, neighbourhood and the working ``shape`` (height, width)."""
+    """Write a pretrained memory bank, with its feature discriminator and part scales if it has one (the backbone is
+    not written: it is rebuilt from its package when loaded). ``meta`` must hold backbone, layers, neighbourhood and
+    the working ``shape`` (height, width)."""
+    disc = memory.discriminator
     meta = {**meta, "bank_size": int(memory.bank.shape[0]), "channels": int(memory.bank.shape[1]),
-            "border_padding": memory.padding}
-    _save(path, "pretrained_bank", meta, {"bank": memory.bank}, ("backbone", "layers", "neighbourhood", "shape"))
+            "border_padding": memory.padding, "discriminator": 0 if disc is None else int(disc.hidden.out_features)}
+    state = {"bank": memory.bank}
+    if disc is not None:
+        state.update({"part_scales": memory.part_scales,
+                      **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}})
+    _save(path, "pretrained_bank", meta, state, ("backbone", "layers", "neighbourhood", "shape"))
 
 
 def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
                          ) -> tuple[PretrainedPatchMemory, dict[str, Any]]:
-    """The pretrained memory (backbone with its packaged weights, and the bank) and its metadata."""
+    """The pretrained memory (backbone with its packaged weights, the bank, and the discriminator with the part
+    scales if it was trained with one) and its metadata."""
     raw = _load(path, "pretrained_bank", device)
     meta = raw["meta"]
+    hidden = int(meta.get("discriminator", 0))
+    channels = int(meta["channels"])
+    disc = FeatureDiscriminator(channels, hidden) if hidden else None
     memory = PretrainedPatchMemory(build_backbone(meta["backbone"]), tuple(meta["layers"]),
-                                   int(meta["neighbourhood"]), int(meta["bank_size"]), int(meta["channels"]),
-                                   int(meta["border_padding"]))
+                                   int(meta["neighbourhood"]), int(meta["bank_size"]), channels,
+                                   int(meta["border_padding"]), disc)
+    state = raw["state_dict"]
     try:
-        memory.bank.copy_(raw["state_dict"]["bank"])
+        memory.bank.copy_(state["bank"])
+        if disc is not None:
+            memory.part_scales.copy_(state["part_scales"])
+            disc.load_state_dict({k.removeprefix("discriminator."): v for k, v in state.items()
+                                  if k.startswith("discriminator.")})
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: memory bank does not fit its recorded shape: {err}") from err
     return memory.to(device).eval(), meta

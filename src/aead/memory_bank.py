@@ -7,6 +7,10 @@ already chosen), measured on a seeded random projection to :data:`PROJECTION_DIM
 costs O(N x k) for N patches and k chosen, so the bound on k keeps it linear in N. ``random`` draws the patches
 uniformly (O(N)). The size bound also keeps the exact nearest-neighbour search of the scoring linear in the number of
 test images (:func:`aead.torch_model.nearest_distance`).
+
+The pretrained bank's stage also trains SimpleNet's feature discriminator on all the training patches
+(``pretrained.discriminator_*``, :func:`aead.training.train_feature_discriminator`) and measures the scale of both
+maps on the validation images (:func:`part_scales`), so that the ``pretrained`` map can sum them.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from aead.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank,
 from aead.data import Sample, Shape, category_shape, load_split, read_manifest, read_split, to_float, to_tensor
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
-from aead.torch_model import PatchMemory, PretrainedPatchMemory, patch_features
-from aead.training import setup_compute
+from aead.scoring import mean_and_peak_scale
+from aead.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
+from aead.training import DiscriminatorStats, setup_compute, train_feature_discriminator
 
 PROJECTION_DIM = 32
 CORESET_METHODS = ("greedy", "random")
 Log = Callable[[str], None]
+FitDiscriminator = Callable[[Tensor], tuple[FeatureDiscriminator, DiscriminatorStats]]
 
 
 @dataclass
@@ -132,20 +138,41 @@ def build_encoder_bank(encoder: nn.Module, train_images: np.ndarray, feature_siz
 @torch.inference_mode()
 def fill_pretrained_bank(memory: PretrainedPatchMemory, train_images: np.ndarray, method: str, ratio: float,
                          max_size: int, seed: int, device: torch.device, batch_size: int = 8, log: Log = print,
-                         tag: str = "") -> tuple[PretrainedPatchMemory, BankStats]:
+                         tag: str = "", fit_discriminator: FitDiscriminator | None = None
+                         ) -> tuple[PretrainedPatchMemory, BankStats, DiscriminatorStats | None]:
     """``memory`` (a backbone with an empty bank) with its bank filled from ``train_images`` (uint8 NHWC, already
-    at the working shape)."""
+    at the working shape), and with ``fit_discriminator`` a feature discriminator trained on all the training
+    patches (its part scales still at their defaults: see :func:`part_scales`)."""
     start = time.perf_counter()
     memory = memory.to(device).eval()
     feats, n_images = _collect(memory.features, _batches(train_images, batch_size, device))
     chosen = select_coreset(feats, method, ratio, max_size, seed)
-    filled = PretrainedPatchMemory(memory.backbone, memory.layers, memory.neighbourhood, len(chosen), feats.shape[1],
-                                   memory.padding)
-    filled.bank.copy_(feats[chosen])
     stats = BankStats(n_images, int(feats.shape[0]), len(chosen), time.perf_counter() - start)
     log(f"[{tag}] pretrained bank: {stats.bank_size} of {stats.patches} training patches ({feats.shape[1]} channels, "
         f"{method} coreset), {stats.seconds:.1f} s")
-    return filled.cpu(), stats
+    discriminator, fitted = None, None
+    if fit_discriminator is not None:
+        discriminator, fitted = fit_discriminator(feats)
+    filled = PretrainedPatchMemory(memory.backbone, memory.layers, memory.neighbourhood, len(chosen), feats.shape[1],
+                                   memory.padding, discriminator)
+    filled.bank.copy_(feats[chosen])
+    return filled.cpu(), stats, fitted
+
+
+@torch.inference_mode()
+def part_scales(memory: PretrainedPatchMemory, val_images: np.ndarray, device: torch.device, batch_size: int = 8
+                ) -> Tensor:
+    """(2, 2): the mean and peak scale (:func:`aead.scoring.mean_and_peak_scale`) of the nearest-patch distance map
+    and of the discriminator's map over defect-free ``val_images`` (uint8 NHWC at the working shape), before the map
+    is smoothed (so ``pretrained.smooth_sigma`` stays a parameter of the scoring alone)."""
+    if len(val_images) == 0:
+        raise ValueError("the part scales need validation images")
+    memory = memory.to(device).eval()
+    collected: list[list[Tensor]] = [[], []]
+    for x in _batches(val_images, batch_size, device):
+        for i, amap in enumerate(memory.part_maps(x)):
+            collected[i].append(amap.flatten(1).cpu())
+    return torch.stack([torch.stack(mean_and_peak_scale(torch.cat(c))) for c in collected]).float()
 
 
 def build_banks_and_save(params: Params, model_name: str, models_root: Path, out_dir: Path,
@@ -197,26 +224,56 @@ def pretrained_shape(memory: PretrainedPatchMemory, image_size: int, train_sampl
 
 def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = print) -> dict[str, Any]:
     """The pretrained memory bank of every category (``pretrained.*``) over its training images, decoded from the
-    prepared manifests at the category's working shape, written into ``out_dir`` (replaced whole, atomically)."""
+    prepared manifests at the category's working shape, with its feature discriminator and the part scales measured on
+    the category's validation images (``pretrained.discriminator_steps`` > 0), written into ``out_dir`` (replaced
+    whole, atomically)."""
     device = setup_compute(params.model)
     pre = params.pretrained
-    train_split = read_manifest(Path(params.data.prepared_dir), "train")
+    prepared = Path(params.data.prepared_dir)
+    train_split = read_manifest(prepared, "train")
+    val_split = read_manifest(prepared, "val") if pre.discriminator_steps else []
     empty = pretrained_memory(pre)
     metrics: dict[str, Any] = {"device": str(device), "backbone": pre.backbone, "categories": {}}
     with io.atomic_dir(out_dir) as tmp_dir:
         for category in params.data.categories:
             samples = [s for s in train_split if s.category == category]
             if not samples:
-                raise DataError(f"{params.data.prepared_dir}/train.csv: no training images of category "
-                                f"'{category}'; rerun prepare-split (dvc repro)")
+                raise DataError(f"{prepared}/train.csv: no training images of category '{category}'; rerun "
+                                "prepare-split (dvc repro)")
+            val_samples = [s for s in val_split if s.category == category]
+            if pre.discriminator_steps and not val_samples:
+                raise DataError(f"{prepared}/val.csv: no validation images of category '{category}', which the "
+                                "pretrained map needs to put its discriminator and its bank on one scale; add good "
+                                "images, raise data.val_fraction, or set pretrained.discriminator_steps: 0")
             shape = pretrained_shape(empty, pre.image_size, samples)
-            log(f"[pretrained/{category}] decoding {len(samples)} training images at {shape[0]}x{shape[1]}")
+            tag = f"pretrained/{category}"
+            log(f"[{tag}] decoding {len(samples)} training images at {shape[0]}x{shape[1]}")
             images = load_split(samples, shape, with_masks=False).images
-            memory, stats = fill_pretrained_bank(empty, images, pre.coreset_method, pre.coreset_ratio,
-                                                 pre.max_bank_size, pre.seed, device, pre.batch_size, log=log,
-                                                 tag=f"pretrained/{category}")
+            fit = None
+            if pre.discriminator_steps:
+                def fit(feats: Tensor) -> tuple[FeatureDiscriminator, DiscriminatorStats]:
+                    return train_feature_discriminator(feats, pre.discriminator_hidden, pre.discriminator_steps,
+                                                       pre.discriminator_batch_size, pre.discriminator_noise,
+                                                       pre.discriminator_lr, pre.seed, log=log, tag=tag)
+            memory, stats, fitted = fill_pretrained_bank(empty, images, pre.coreset_method, pre.coreset_ratio,
+                                                         pre.max_bank_size, pre.seed, device, pre.batch_size, log=log,
+                                                         tag=tag, fit_discriminator=fit)
+            record: dict[str, Any] = {"shape": list(shape), **stats.to_dict()}
+            if fitted is not None:
+                start = time.perf_counter()
+                val_images = load_split(val_samples, shape, with_masks=False).images
+                scales_t = part_scales(memory, val_images, device, pre.batch_size)
+                with torch.inference_mode():
+                    memory.part_scales.copy_(scales_t)
+                scales = memory.part_scales.tolist()
+                log(f"[{tag}] part scales on {len(val_samples)} validation images: bank mean {scales[0][0]:.4g} "
+                    f"scale {scales[0][1]:.4g}, discriminator mean {scales[1][0]:.4g} scale {scales[1][1]:.4g}")
+                record.update({"discriminator_seconds": round(fitted.seconds, 2),
+                               "discriminator_final_loss": round(fitted.final_loss, 6),
+                               "part_scales_seconds": round(time.perf_counter() - start, 2),
+                               "part_scales": [[round(v, 6) for v in row] for row in scales]})
             save_pretrained_bank(tmp_dir / f"{category}.pt", memory,
                                  {**dataclasses.asdict(pre), "shape": list(shape), "categories": [category]})
-            metrics["categories"][category] = {"shape": list(shape), **stats.to_dict()}
+            metrics["categories"][category] = record
     metrics["bank_size"] = int(sum(m["bank_size"] for m in metrics["categories"].values()))
     return metrics

@@ -203,6 +203,11 @@ class PretrainedParams:
     smooth_sigma: float
     batch_size: int
     seed: int
+    discriminator_steps: int
+    discriminator_hidden: int
+    discriminator_batch_size: int
+    discriminator_noise: float
+    discriminator_lr: float
 
     def check(self) -> None:
         if self.backbone not in BACKBONE_LAYERS:
@@ -229,6 +234,13 @@ class PretrainedParams:
         if self.smooth_sigma < 0:
             raise ParamsError(f"pretrained.smooth_sigma: expected a number >= 0, got {self.smooth_sigma!r}")
         _at_least("pretrained.batch_size", self.batch_size, 1)
+        _at_least("pretrained.discriminator_steps", self.discriminator_steps, 0)
+        _at_least("pretrained.discriminator_hidden", self.discriminator_hidden, 1)
+        _at_least("pretrained.discriminator_batch_size", self.discriminator_batch_size, 1)
+        for key in ("discriminator_noise", "discriminator_lr"):
+            value = getattr(self, key)
+            if not value > 0:
+                raise ParamsError(f"pretrained.{key}: expected a number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ each averaged over its 3x3 neighbourhood and brought to one ``feature_size`` gri
 distance to the nearest stored patch. With a ``padding`` (``memory_bank.border_padding``; 0 by default), the image is
 mirrored outwards by that many pixels before the encoder and the features are cropped back to the image, so that a
 patch near the border is described by its mirrored surroundings instead of by the convolutions' zero padding.
+
+``FeatureDiscriminator`` is the trained part of SimpleNet (Liu et al., CVPR 2023) on the pretrained patch features: a
+linear adaptor and a one-hidden-layer classifier, trained to tell the defect-free training patches' features from the
+same features plus Gaussian noise. A patch whose features lie off the defect-free manifold in any direction scores
+high even where its nearest stored patch is close, which finds thin and faint surface defects a bank misses.
 """
 
 from __future__ import annotations
@@ -216,11 +221,45 @@ class PatchMemory(nn.Module):
             return nn.functional.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
 
 
+class FeatureDiscriminator(nn.Module):
+    """SimpleNet's adaptor and discriminator over (N, C, h, w) patch features: each channel standardised by the
+    training patches' ``mean`` and ``scale``, a linear ``adaptor`` (C -> C, initialised to the identity), then
+    ``hidden`` (C -> H), LeakyReLU(0.2) and ``out`` (H -> 1). :meth:`logits` is high for defect-free features;
+    :meth:`forward` returns its negative, an anomaly score per patch."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels))
+        self.adaptor = nn.Linear(channels, channels)
+        self.hidden = nn.Linear(channels, hidden)
+        self.out = nn.Linear(hidden, 1)
+        with torch.no_grad():
+            self.adaptor.weight.copy_(torch.eye(channels))
+            self.adaptor.bias.zero_()
+
+    def adapt(self, patches: Tensor) -> Tensor:
+        """(M, C) standardised and adapted patch features."""
+        return self.adaptor((patches - self.mean) / self.scale)
+
+    def logits(self, adapted: Tensor) -> Tensor:
+        """(M,) defect-free logits of adapted features."""
+        return self.out(nn.functional.leaky_relu(self.hidden(adapted), 0.2))[:, 0]
+
+    def forward(self, f: Tensor) -> Tensor:
+        n, c, h, w = f.shape
+        return -self.logits(self.adapt(f.permute(0, 2, 3, 1).reshape(-1, c))).reshape(n, 1, h, w)
+
+
 class PretrainedPatchMemory(nn.Module):
     """PatchCore (Roth et al., CVPR 2022) on a frozen ImageNet backbone: each chosen layer's output averaged over its
     ``neighbourhood`` x ``neighbourhood`` patches, the deeper layers bilinearly upsampled to the grid of the first
     (finest) one, concatenated; ``bank`` (M, C) holds such patch features of defect-free images, and a new image's
     anomaly map is each patch's distance to its nearest stored patch, upsampled to the image.
+
+    With a ``discriminator`` (:class:`FeatureDiscriminator`, trained on the bank's training patches), the map is the
+    sum of the two maps, nearest-patch distance and discriminator score, each less its mean and divided by its peak
+    scale over defect-free validation images (``part_scales``, (2, 2): a row of mean and scale per part).
 
     ``padding``: the image is first extended by that many mirrored pixels on each side (a multiple of the deepest
     layer's stride) and the features are cropped back to the image, so that patches near the border are described
@@ -228,7 +267,7 @@ class PretrainedPatchMemory(nn.Module):
     images score highest)."""
 
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], neighbourhood: int, bank_size: int,
-                 channels: int, padding: int = 0) -> None:
+                 channels: int, padding: int = 0, discriminator: FeatureDiscriminator | None = None) -> None:
         super().__init__()
         strides = [backbone.stride(name) for name in layers]
         if padding < 0 or padding % max(strides):
@@ -240,6 +279,8 @@ class PretrainedPatchMemory(nn.Module):
         self.padding = padding
         self.crop = padding // strides[0]  # grid cells of the finest layer covered by the mirrored border
         self.register_buffer("bank", torch.zeros(bank_size, channels))
+        self.discriminator = discriminator
+        self.register_buffer("part_scales", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
 
     def features(self, x: Tensor) -> Tensor:
         """(N, C, h, w) patch features of float images ``x`` (N, 3, H, W) in [0, 1], on the finest layer's grid."""
@@ -259,15 +300,27 @@ class PretrainedPatchMemory(nn.Module):
             f = f[..., c : f.shape[-2] - c, c : f.shape[-1] - c]
         return f
 
-    def distance_map(self, x: Tensor) -> Tensor:
-        """(N, H, W) nearest-patch distances of ``x``, bilinearly upsampled to the image; fp32, also under
-        autocast."""
+    def part_maps(self, x: Tensor) -> list[Tensor]:
+        """The (N, H, W) maps of ``x`` upsampled to the image: nearest-patch distances, and with a discriminator its
+        scores; fp32, also under autocast."""
         n, _, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
             f = self.features(x.float())
-            d = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), self.bank)
-            d = d.reshape(n, 1, f.shape[-2], f.shape[-1])
-            return nn.functional.interpolate(d, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            grids = [nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), self.bank).reshape(
+                n, 1, f.shape[-2], f.shape[-1])]
+            if self.discriminator is not None:
+                grids.append(self.discriminator(f))
+            return [nn.functional.interpolate(g, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+                    for g in grids]
+
+    def distance_map(self, x: Tensor) -> Tensor:
+        """(N, H, W) anomaly map of ``x``: the nearest-patch distances, or with a discriminator the sum of both
+        parts on their validation scales; upsampled to the image, fp32, also under autocast."""
+        parts = self.part_maps(x)
+        if len(parts) == 1:
+            return parts[0]
+        s = self.part_scales
+        return (parts[0] - s[0, 0]) / s[0, 1] + (parts[1] - s[1, 0]) / s[1, 1]
 
 
 def _initialised(cls: type[M], base_channels: int, seed: int | None) -> M:

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 # stages' and phases' own work: generating and preparing images, scoring validation images, bootstrap and metrics,
 # exporting
 NARROW = ("train_seconds", "build_seconds", "scoring_seconds")
-RECORDED = NARROW + ("generate_seconds", "prepare_seconds", "validation_seconds", "metrics_seconds", "export_seconds")
+RECORDED = NARROW + ("generate_seconds", "prepare_seconds", "validation_seconds", "metrics_seconds", "export_seconds",
+                     "discriminator_seconds", "part_scales_seconds")
 
 
 def details_file(stage: str) -> str:

@@ -26,7 +26,8 @@ CSV_ROWS = {"roc.csv": "roc_rows", "pr.csv": "pr_rows", "category_auroc.csv": "c
             "scores.csv": "score_rows"}
 TITLES = {"l1": "L1 reconstruction error", "ssim": "SSIM reconstruction error",
           "seg": "Segmentation head (image + reconstruction)", "knn": "Nearest-patch distance (encoder memory bank)",
-          "pretrained": "Nearest-patch distance (pretrained backbone, PatchCore)", "fused": "Fused map"}
+          "pretrained": "Nearest-patch distance + feature discriminator (pretrained backbone)",
+          "fused": "Fused map"}
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
             io.write_csv(plots_dir / name, [], columns)
         note_figure(plots_dir / "comparison.png", record["note"])
         if per_type:
-            write_heatmaps(plots_dir / "heatmaps", {}, {}, params.evaluate.image_score, log=log)
+            write_heatmaps(plots_dir / "heatmaps", {}, {}, params.evaluate.image_score, TITLES[args.method], log=log)
         io.write_json(calibration_path, {**calibration_record(params, args.method, {}), "note": record["note"]})
         for model in models:
             io.write_json(metrics_dir / headline_name(args.method, model), headline(None))
@@ -66,7 +67,8 @@ def main() -> None:
     comparison_figure(plots_dir / "comparison.png", ev.metrics, ev.results, params.evaluate.image_score,
                       f"{TITLES[args.method]}, '{params.evaluate.image_score}' image score")
     if per_type:
-        write_heatmaps(plots_dir / "heatmaps", ev.results, ev.calibration, params.evaluate.image_score, log=log)
+        write_heatmaps(plots_dir / "heatmaps", ev.results, ev.calibration, params.evaluate.image_score,
+                       f"{args.method} map: {TITLES[args.method]}", log=log)
     io.write_json(calibration_path, calibration_record(params, args.method, ev.calibration, ev.fusion))
     for model in models:
         io.write_json(metrics_dir / headline_name(args.method, model), headline(ev.metrics[model]))

@@ -223,7 +223,7 @@ def test_a_failed_experiment_is_undone_by_the_documented_commands(project, tmp_p
 
 TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds", "build_images_per_second", "scoring_seconds",
                "scoring_images_per_second", "validation_seconds", "metrics_seconds", "generate_seconds",
-               "prepare_seconds", "export_seconds"}
+               "prepare_seconds", "export_seconds", "discriminator_seconds", "part_scales_seconds"}
 TOLERANCE = 0.01  # the agreement promised for every metric on another x86 CPU (README, Reproducibility)
 
 

@@ -133,7 +133,8 @@ def test_maps_have_the_values_their_kind_promises(trained):
     assert not np.array_equal(out["l1"], out["ssim"])
     assert ((out["seg"] >= 0) & (out["seg"] <= 1)).all()  # smoothed probabilities
     assert (out["knn"] >= 0).all() and out["knn"].max() > 0  # smoothed distances
-    assert (out["pretrained"] >= 0).all() and out["pretrained"].max() > 0
+    # distances plus discriminator scores, each less its validation mean: above it somewhere, finite everywhere
+    assert np.isfinite(out["pretrained"]).all() and out["pretrained"].max() > 0
     assert out["l1"].shape[1:] == (16, 16)
 
 
@@ -158,3 +159,27 @@ def test_a_missing_head_or_bank_is_named(trained, tmp_path):
     with pytest.raises(CheckpointError, match=r"pretrained/plain\.pt: pretrained bank not found"):
         evaluate(params, "pretrained", tmp_path / "models", log=lambda m: None)
     assert evaluate(params, "ssim", tmp_path / "models", log=lambda m: None).metrics["baseline"]["image_auroc"]
+
+
+def test_panels_show_a_reconstruction_only_for_maps_built_on_it(trained, tmp_path):
+    """The knn map reads the encoder alone, so its panels have no reconstruction tile; ssim's and the fused
+    [seg, knn] map's do."""
+    from PIL import Image
+
+    from aead.evaluation import heatmap_picker
+    from aead.report import write_heatmaps
+
+    params, work = trained
+    kept = {}
+    for method in ("knn", "ssim", "fused"):
+        ev = evaluate(params, method, work / "models", log=lambda m: None, heatmap_indices=heatmap_picker(1))
+        result = ev.results["baseline"]["widget"]
+        assert result.images, method
+        kept[method] = bool(result.recon)
+        out = tmp_path / method
+        assert write_heatmaps(out, {"baseline": ev.results["baseline"]}, {"baseline": ev.calibration["baseline"]},
+                              "top1", f"{method} map", log=lambda m: None) > 0
+        widths = {Image.open(p).size[0] for p in out.rglob("*.png")}
+        kept[f"{method}_width"] = max(widths)
+    assert kept == {"knn": False, "ssim": True, "fused": True, **{k: v for k, v in kept.items() if k.endswith("width")}}
+    assert kept["knn_width"] < kept["ssim_width"] == kept["fused_width"], "one tile fewer without a reconstruction"

@@ -23,7 +23,7 @@ from aead.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank,
 from aead.data import Sample, Split, categories_of, load_split, read_split
 from aead.errors import CheckpointError, DataError
 from aead.params import PRETRAINED, MethodName, Params, missing_components, models_of, parts_of
-from aead.scoring import SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
+from aead.scoring import RECONSTRUCTION_PARTS, SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
 from aead.training import autocast_for, setup_compute
 
 Method = MethodName
@@ -149,11 +149,13 @@ def score_category(mapper: AnomalyMapper, split: Split, params: Params, device: 
 @torch.inference_mode()
 def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: Inputs, keep: np.ndarray,
                        device: torch.device) -> None:
-    """The input images (at the map's shape) and, for maps of an autoencoder, its reconstructions."""
+    """The input images (at the map's shape) and, for maps that use the autoencoder's reconstruction (l1, ssim, seg and
+    fusions of them), its reconstructions."""
     source = inputs.pretrained if inputs.pretrained is not None else inputs.autoencoder
     for i in keep.tolist():
         result.images[i] = np.asarray(source[i])
-    if mapper.autoencoder is not None and inputs.autoencoder is not None:
+    uses_recon = any(part in RECONSTRUCTION_PARTS for part in mapper.parts)
+    if uses_recon and mapper.autoencoder is not None and inputs.autoencoder is not None:
         x = torch.from_numpy(np.ascontiguousarray(inputs.autoencoder[keep])).permute(0, 3, 1, 2).float().to(device)
         recon = mapper.autoencoder(x / 255.0).float().clamp(0, 1)
         for j, i in enumerate(keep.tolist()):

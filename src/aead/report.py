@@ -13,15 +13,16 @@ from aead.plots import HeatmapPanels
 
 
 def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]],
-                   calibration: dict[str, dict[str, Calibration]], score: str,
+                   calibration: dict[str, dict[str, Calibration]], score: str, map_title: str,
                    log: Callable[[str], None] = print) -> int:
     """Write one panel PNG per kept image to ``out_dir/<model>/<category>/<defect>_<stem>.png`` (the folder is
-    replaced whole), its map on the normalised score scale of ``calibration``. Returns the number of panels."""
+    replaced whole), its map on the normalised score scale of ``calibration``, titled with ``map_title`` (which map
+    it is). Returns the number of panels."""
     count = 0
     panels = HeatmapPanels()
     with io.atomic_dir(out_dir) as tmp:
         try:
-            count = _write_panels(panels, tmp, results, calibration, score)
+            count = _write_panels(panels, tmp, results, calibration, score, map_title)
         finally:
             panels.close()
     log(f"wrote {count} heatmap panels to {out_dir}")
@@ -29,7 +30,7 @@ def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]],
 
 
 def _write_panels(panels: HeatmapPanels, folder: Path, results: dict[str, dict[str, CategoryResult]],
-                  calibration: dict[str, dict[str, Calibration]], score: str) -> int:
+                  calibration: dict[str, dict[str, Calibration]], score: str, map_title: str) -> int:
     count = 0
     for model, per_cat in results.items():
         for cat, res in per_cat.items():
@@ -40,7 +41,7 @@ def _write_panels(panels: HeatmapPanels, folder: Path, results: dict[str, dict[s
                 value = float(cal.normalize(res.scores[score][i : i + 1])[0])
                 verdict = "anomalous" if res.scores[score][i] >= cal.threshold else "good"
                 truth = "good" if smp.label == 0 else f"defect: {smp.defect_type}"
-                title = (f"{model} / {cat} / {Path(smp.path).name} ({truth})\nscore {value:.2f} "
+                title = (f"{map_title}\n{model} / {cat} / {Path(smp.path).name} ({truth})\nnormalised '{score}' score {value:.2f} "
                          f"{'>=' if verdict == 'anomalous' else '<'} threshold 0.50 -> {verdict}")
                 panels.write(folder / model / cat / f"{smp.defect_type}_{Path(smp.path).stem}.png", image,
                              res.recon.get(i), cal.normalize(res.maps[i]), mask, title)

@@ -41,8 +41,9 @@ def _write_panels(panels: HeatmapPanels, folder: Path, results: dict[str, dict[s
                 value = float(cal.normalize(res.scores[score][i : i + 1])[0])
                 verdict = "anomalous" if res.scores[score][i] >= cal.threshold else "good"
                 truth = "good" if smp.label == 0 else f"defect: {smp.defect_type}"
-                title = (f"{map_title}\n{model} / {cat} / {Path(smp.path).name} ({truth})\nnormalised '{score}' score {value:.2f} "
-                         f"{'>=' if verdict == 'anomalous' else '<'} threshold 0.50 -> {verdict}")
+                title = (f"{map_title}\n{model} / {cat} / {Path(smp.path).name} ({truth})\n"
+                         f"normalised '{score}' score {value:.2f} {'>=' if verdict == 'anomalous' else '<'} "
+                         f"threshold 0.50 -> {verdict}")
                 panels.write(folder / model / cat / f"{smp.defect_type}_{Path(smp.path).stem}.png", image,
                              res.recon.get(i), cal.normalize(res.maps[i]), mask, title)
                 count += 1

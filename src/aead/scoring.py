@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from aead import maps
 from aead.corruption import corrupt_batch
 from aead.data import Shape, resize_batch, to_float, to_tensor
-from aead.torch_model import PatchMemory, PretrainedPatchMemory
+from aead.torch_model import PatchMemory, PretrainedPatchMemory, sum_on_scales
 
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
 RECONSTRUCTION_PARTS = ("l1", "ssim", "seg")  # the maps that need the autoencoder's reconstruction
@@ -115,11 +115,7 @@ class AnomalyMapper(nn.Module):
         part_maps = self.part_maps(x_ae, x_pre)
         if len(part_maps) == 1:
             return part_maps[0]
-        fusion = self.fusion.float()
-        total = (part_maps[0] - fusion[0, 0]) / fusion[0, 1]
-        for i in range(1, len(part_maps)):
-            total = total + (part_maps[i] - fusion[i, 0]) / fusion[i, 1]
-        return total
+        return sum_on_scales(part_maps, self.fusion.float())
 
 
 @dataclass

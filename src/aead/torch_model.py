@@ -317,10 +317,16 @@ class PretrainedPatchMemory(nn.Module):
         """(N, H, W) anomaly map of ``x``: the nearest-patch distances, or with a discriminator the sum of both
         parts on their validation scales; upsampled to the image, fp32, also under autocast."""
         parts = self.part_maps(x)
-        if len(parts) == 1:
-            return parts[0]
-        s = self.part_scales
-        return (parts[0] - s[0, 0]) / s[0, 1] + (parts[1] - s[1, 0]) / s[1, 1]
+        return parts[0] if len(parts) == 1 else sum_on_scales(parts, self.part_scales)
+
+
+def sum_on_scales(part_maps: list[Tensor], scales: Tensor) -> Tensor:
+    """The sum of ``part_maps``, each less its mean and divided by its scale (``scales``: a row of mean and scale
+    per part): how several anomaly maps are put on one scale and fused."""
+    total = (part_maps[0] - scales[0, 0]) / scales[0, 1]
+    for i in range(1, len(part_maps)):
+        total = total + (part_maps[i] - scales[i, 0]) / scales[i, 1]
+    return total
 
 
 def _initialised(cls: type[M], base_channels: int, seed: int | None) -> M:

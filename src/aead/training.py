@@ -678,9 +678,10 @@ def train_feature_discriminator(patches: Tensor, hidden: int, steps: int, batch_
     channel's standard deviation over ``patches``) to make as many fake defective ones; the discriminator learns to
     score the real ones above +0.5 and the noisy ones below -0.5 (truncated L1), with Adam (``lr``; half of it for
     the adaptor). It runs on one thread, so its weights do not depend on the thread count (pieces of the batch on
-    parallel threads, their gradients added in order, were no faster at these sizes). They do depend on the last bits of ``patches``, which the backbone computes with each CPU's own
-    kernels, as the bank does: a relative change of 1e-7 in every feature moved the transistor images' discriminator
-    scores by at most 0.5 % of their range and their image AUROC by 0.002 (docs/measurements.md)."""
+    parallel threads, their gradients added in order, were no faster at these sizes). They do depend on the last bits
+    of ``patches``, which the backbone computes with each CPU's own kernels, as the bank does: a relative change of
+    1e-7 in every feature moved the transistor images' discriminator scores by at most 0.5 % of their range and their
+    image AUROC by 0.002 (docs/measurements.md)."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -39,6 +39,8 @@ def main() -> None:
                         "and all metrics: <dir>/details/evaluate-<method>.json")
     parser.add_argument("--plots-dir", help="default: plots/evaluate-<method>")
     parser.add_argument("--calibration", help="default: models/calibration-<method>.json")
+    parser.add_argument("--resamples", help="the bootstrap resamples `aead compare` pairs runs with; default: "
+                        "metrics/resamples/evaluate-<method>.npz")
     args = parser.parse_args()
     params = load_params(args.params)
     plots_dir = Path(args.plots_dir or f"plots/evaluate-{args.method}")
@@ -46,6 +48,7 @@ def main() -> None:
     calibration_path = args.calibration or f"models/calibration-{args.method}.json"
     metrics_dir = Path(args.metrics_dir)
     details_path = metrics_dir / "details" / f"evaluate-{args.method}.json"
+    resamples_path = Path(args.resamples or metrics_dir / "resamples" / f"evaluate-{args.method}.npz")
     models = models_of(args.method, params.evaluate)
     record = not_trained_record(params, args.method)
     if record is not None:
@@ -58,6 +61,7 @@ def main() -> None:
         io.write_json(calibration_path, {**calibration_record(params, args.method, {}), "note": record["note"]})
         for model in models:
             io.write_json(metrics_dir / headline_name(args.method, model), headline(None))
+        io.write_npz(resamples_path, {})
         io.write_json(details_path, record)
         return
     ev = evaluate(params, args.method, Path(args.models_root), log=log,
@@ -72,6 +76,7 @@ def main() -> None:
     io.write_json(calibration_path, calibration_record(params, args.method, ev.calibration, ev.fusion))
     for model in models:
         io.write_json(metrics_dir / headline_name(args.method, model), headline(ev.metrics[model]))
+    io.write_npz(resamples_path, ev.resamples)
     io.write_json(details_path, ev.metrics)
 
 

@@ -1,4 +1,6 @@
-"""Stage prepare-split: manifests and cached arrays for train / val / test (params: data.*)."""
+"""Stage prepare-split: manifests and cached arrays for train / val / test (params: data.*). Its metrics are the
+images in each split, so that `dvc metrics diff` shows when a data change changed the split; per category they are in
+metrics/details/prepare-split.json and plots/split-counts.csv."""
 
 import argparse
 import time
@@ -18,7 +20,8 @@ def main() -> None:
     start = time.perf_counter()
     metrics, rows = prepare_split(load_params(args.params).data, log=log)
     metrics["prepare_seconds"] = round(time.perf_counter() - start, 2)
-    io.write_metrics(args.metrics_dir, "prepare-split", None, metrics)
+    counts = {k: metrics["total"][k] for k in ("train", "val", "test_good", "test_anomalous")}
+    io.write_metrics(args.metrics_dir, "prepare-split", counts, metrics)
     io.write_csv(args.plot, rows, ["category", "split", "count"])
 
 

@@ -16,7 +16,7 @@ import yaml
 
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "stages", "src", ".dvc/config", ".dvc/plots", ".dvc/.gitignore"]
 METHODS = ("l1", "ssim", "seg", "knn", "pretrained", "fused")
-STAGES = ("synthesize", "prepare-split", "train-baseline", "train-multiscale", "train-head@baseline",
+STAGES = ("check-params", "synthesize", "prepare-split", "train-baseline", "train-multiscale", "train-head@baseline",
           "train-head@multiscale", "build-bank@baseline", "build-bank@multiscale", "build-pretrained-bank",
           *(f"evaluate-{m}" for m in METHODS), "export")
 
@@ -81,8 +81,13 @@ def test_repro_runs_every_stage_then_nothing(project):
     low, value, high = (headline(project, "pretrained")[k] for k in ("image_auroc_low", "image_auroc",
                                                                       "image_auroc_high"))
     assert low <= value <= high, "the headline image AUROC comes with its bootstrap interval"
-    assert set(headline(project, "l1-baseline")) == {"image_auroc", "image_auroc_low", "image_auroc_high",
-                                                     "pixel_auroc", "aupro", "false_alarm_rate", "recall"}
+    assert set(headline(project, "l1-baseline")) == {
+        "image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "false_alarm_rate",
+        "false_alarm_rate_low", "false_alarm_rate_high", "recall", "recall_low", "recall_high",
+        "guaranteed_false_alarm_rate", "calibration_good"}
+    op = headline(project, "pretrained")
+    assert op["false_alarm_rate_low"] <= op["false_alarm_rate"] <= op["false_alarm_rate_high"]
+    assert op["recall_low"] <= op["recall"] <= op["recall_high"] and op["calibration_good"] >= 1
     export = details(project, "export")["method"]
     assert export == yaml.safe_load((project / "params.yaml").read_text())["export"]["method"]
     assert details(project, "head-baseline")["categories"]["tile"]["steps"] == 3
@@ -98,7 +103,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert details(project, "evaluate-pretrained")["pretrained"]["scoring_images_per_second"] > 0
     assert (project / "models" / "baseline" / "tile.pt").is_file()
     shown = run(["dvc", "metrics", "show"], project)
-    assert max(len(line) for line in shown.splitlines()) <= 160, "dvc metrics show fits a screen's width"
+    assert "test_anomalous" in shown, "prepare-split's counts are DVC metrics"
     assert "seconds" not in shown, "timings stay out of the listed metrics"
     again = run(["dvc", "repro"], project)
     assert "Running stage" not in again
@@ -123,12 +128,15 @@ def test_a_change_reruns_what_reads_it_and_nothing_else(project):
     if not (project / "dvc.lock").is_file():
         run(["dvc", "repro"], project)
     """`dvc status` lists the stages whose own params changed (their dependants follow when their outputs change):
-    the heads, not the autoencoders, for segmentation.*; the pretrained bank alone for its image size."""
+    the heads, not the autoencoders, for segmentation.*; the pretrained bank alone for its image size. check-params
+    reads all of params.yaml, so it reruns for every change; its output does not change, so nothing reruns for it."""
     heads = changed_stages(project, "segmentation.steps", 4)
-    assert heads == {"train-head@baseline", "train-head@multiscale", "evaluate-seg", "evaluate-fused"}, heads
-    assert changed_stages(project, "pretrained.image_size", 48) == {"build-pretrained-bank"}
+    assert heads == {"check-params", "train-head@baseline", "train-head@multiscale", "evaluate-seg",
+                     "evaluate-fused"}, heads
+    assert changed_stages(project, "pretrained.image_size", 48) == {"check-params", "build-pretrained-bank"}
     banks = changed_stages(project, "memory_bank.coreset_ratio", 0.5)
-    assert banks == {"build-bank@baseline", "build-bank@multiscale", "evaluate-knn", "evaluate-fused"}, banks
+    assert banks == {"check-params", "build-bank@baseline", "build-bank@multiscale", "evaluate-knn",
+                     "evaluate-fused"}, banks
 
 
 def test_pushed_cache_pulled_into_another_clone_leaves_nothing_to_reproduce(project, tmp_path):
@@ -199,26 +207,69 @@ def committed_run(project: Path) -> None:
         run(["git", "commit", "-qm", "default run"], project)
 
 
-def test_a_failed_experiment_is_undone_by_the_documented_commands(project, tmp_path):
-    """README, What happens when: a bad value fails with the key's message; DVC leaves the workspace as the failed
-    run left it (params.yaml changed, the failed stage's outputs removed) and `git checkout HEAD -- params.yaml
-    metrics plots && dvc checkout` restores it; `dvc exp run --temp` leaves the workspace untouched."""
+# README, What happens when: the one command that puts the workspace back at the last commit after a failed run
+RECOVER = "git checkout HEAD -- params.yaml dvc.lock metrics plots && dvc checkout --force"
+
+
+def results_snapshot(project: Path) -> dict[str, bytes]:
+    """Every file under models/ and metrics/, by path."""
+    return {str(p.relative_to(project)): p.read_bytes() for d in ("models", "metrics") for p in (project / d).rglob("*")
+            if p.is_file()}
+
+
+def predict_one(project: Path, out: Path) -> str:
+    """`aead predict` of one test image with the exported map: the CSV row it writes (output folder left out)."""
+    image = sorted((project / "data" / "synthetic" / "tile" / "test").rglob("*.png"))[0]
+    run([sys.executable, "-m", "aead", "predict", str(image), "--category", "tile", "--out", str(out)], project)
+    return (out / "predictions.csv").read_text().splitlines()[1].replace(str(out), "<out>")
+
+
+def test_an_invalid_param_stops_the_experiment_before_any_output_is_removed(project, tmp_path):
+    """check-params, upstream of every stage, fails first: models/, metrics/ and `aead predict` are as before, and the
+    recovery command leaves nothing changed. `dvc exp run --temp` leaves the workspace untouched."""
     committed_run(project)
-    proc = subprocess.run(["dvc", "exp", "run", "-S", "data.image_size=100"], cwd=project, capture_output=True,
-                          text=True)
-    assert proc.returncode != 0
-    assert "data.image_size: expected a positive multiple of 8" in proc.stdout + proc.stderr
-    assert run(["git", "status", "--porcelain"], project).strip(), "DVC's behaviour changed: update the README"
-    run(["git", "checkout", "HEAD", "--", "params.yaml", "metrics", "plots"], project)
-    run(["dvc", "checkout"], project)
-    assert run(["git", "status", "--porcelain"], project).strip() == ""
-    assert "up to date" in run(["dvc", "status"], project)
+    before, predicted = results_snapshot(project), predict_one(project, tmp_path / "before")
+    for setting, message in (("pretrained.backbone=nonexistent", "pretrained.backbone: expected one of"),
+                             ("data.image_size=100", "data.image_size: expected a positive multiple of 8")):
+        proc = subprocess.run(["dvc", "exp", "run", "-S", setting], cwd=project, capture_output=True, text=True)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and message in out, out
+        assert out.count("Running stage") == 1 and "Running stage 'check-params'" in out, out
+        assert results_snapshot(project) == before
+        assert predict_one(project, tmp_path / setting) == predicted
+        run(["bash", "-c", RECOVER], project)
+        assert run(["git", "status", "--porcelain"], project).strip() == ""
+        assert "up to date" in run(["dvc", "status"], project)
     missing = tmp_path / "no-such-folder"
     proc = subprocess.run(["dvc", "exp", "run", "--temp", "-S", f"data.root={missing}"], cwd=project,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and str(missing) in proc.stdout + proc.stderr
     assert run(["git", "status", "--porcelain"], project).strip() == ""
     assert "up to date" in run(["dvc", "status"], project)
+
+
+def test_a_run_that_fails_midway_is_undone_by_the_recovery_command_also_after_exp_apply(project, tmp_path):
+    """An experiment applied with `dvc exp apply`, then a run that fails in prepare-split (a damaged image) after DVC
+    removed that stage's outputs: the recovery command restores the last commit exactly, and `dvc exp apply`
+    brings the applied experiment back."""
+    committed_run(project)
+    run(["dvc", "exp", "run", "--temp", "-n", "sigma2", "-S", "pretrained.smooth_sigma=2.0"], project)
+    run(["dvc", "exp", "apply", "sigma2"], project)
+    applied = results_snapshot(project)
+    assert "params.yaml" in run(["git", "status", "--porcelain"], project)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(project / "data" / "synthetic", damaged)
+    bad = sorted((damaged / "tile" / "train" / "good").glob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    proc = subprocess.run(["dvc", "exp", "run", "-S", f"data.root={damaged}"], cwd=project, capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "cannot decode image" in proc.stdout + proc.stderr
+    assert not (project / "data" / "prepared").exists(), "DVC's behaviour changed: update the README"
+    run(["bash", "-c", RECOVER], project)
+    assert run(["git", "status", "--porcelain"], project).strip() == ""
+    assert "up to date" in run(["dvc", "status"], project)
+    run(["dvc", "exp", "apply", "sigma2"], project)
+    assert results_snapshot(project) == applied
 
 
 TIMING_KEYS = {"train_seconds", "images_per_second", "build_seconds", "build_images_per_second", "scoring_seconds",
@@ -353,3 +404,13 @@ def test_results_table_and_seed_spread(project):
     row = next(line for line in summary.splitlines() if line.startswith("| pretrained | pretrained |"))
     # image AUROC, pixel AUROC, AUPRO and the operating point's false-alarm rate and recall, each over the two seeds
     assert row.count("(n=2)") == 5 and "±" in row, summary
+    # aead compare: the seed experiment against the committed run, and the committed run against itself
+    compared = run([*aead, "compare", "HEAD", "seed-1"], project)
+    assert max(map(len, compared.splitlines())) <= 120, compared
+    for name in ("pretrained / pretrained", "l1 / baseline", "fused / multiscale"):
+        assert name in compared, compared
+    assert "seed-1 (" in compared and "paired bootstrap interval" in compared
+    itself = run([*aead, "compare", "HEAD", "workspace"], project)
+    body = itself.split("\n\n", 1)[1]
+    rows = [line for line in body.splitlines() if line.startswith("  ") and not line.lstrip().startswith("metric")]
+    assert rows and all(line.endswith("+0.0000 [+0.0000, +0.0000]") for line in rows), itself

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from aead.errors import ParamsError
+from aead.errors import DataError, ParamsError
 from aead.params import load_params, parse_params
 
 
@@ -126,3 +126,34 @@ def test_exporting_a_map_whose_parts_are_not_trained_is_refused(raw_params, meth
         parse_params(raw)
     raw["export"]["method"] = "l1"
     assert getattr(parse_params(raw), section) is not None
+
+
+def test_preflight_checks_what_the_params_name(raw_params, tmp_path, monkeypatch):
+    """Stage check-params: a launcher that is not installed, or a backbone whose weights are not in the hub cache,
+    stops the run before any stage (the README's table of what happens when)."""
+    import yaml
+
+    from aead.preflight import preflight
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw_params))
+    assert preflight(path).pretrained.backbone == raw_params["pretrained"]["backbone"]
+    bad = copy.deepcopy(raw_params)
+    bad["model"]["launcher"] = "python9.99"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match="model.launcher: 'python9.99' is not on the PATH"):
+        preflight(path)
+    bad = copy.deepcopy(raw_params)
+    bad["pretrained"].update(backbone="wide_resnet50_2", layers=["layer2", "layer3"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match="pretrained.backbone wide_resnet50_2: its ImageNet weights"):
+        preflight(path)
+    bad = copy.deepcopy(raw_params)
+    bad["data"]["root"] = str(tmp_path / "nowhere")
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match="data.root: .*nowhere is not a folder"):
+        preflight(path)
+    (tmp_path / "nowhere" / bad["data"]["categories"][0] / "train" / "good").mkdir(parents=True)
+    with pytest.raises(DataError, match="no training images"):
+        preflight(path)

@@ -158,3 +158,23 @@ def test_exit_codes_tell_a_bad_command_line_from_unreadable_images(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(tmp_path), "--out", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--category" in proc.stderr and not out.exists()
+
+
+def test_without_params_it_scores_with_the_params_recorded_with_the_models(pipeline, tmp_path):
+    """No --params: the params of the models' evaluation, from their calibration file, so that an invalid
+    params.yaml in the working folder (a failed `dvc exp run -S ...` leaves one) changes nothing."""
+    work, _, root = pipeline
+    images = str(root / "widget" / "test" / "scratch")
+    assert run_predict(work, images).returncode == 0
+    expected = (work / "out" / "predictions.csv").read_text()
+    (tmp_path / "params.yaml").write_text("pretrained:\n  backbone: nonexistent\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", images, "--category", "widget", "--model",
+                           "baseline", "--method", "ssim", "--models-root", str(work / "models"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "predictions.csv").read_text() == expected.replace(str(work / "out"), str(out))
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", images, "--category", "widget",
+                           "--models-root", str(work / "models"), "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "index.json: not found, so no default map; pass --method" in proc.stderr

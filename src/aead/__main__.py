@@ -1,5 +1,6 @@
 """Command line: ``aead predict`` scores new images with a model trained by the pipeline; ``aead results`` prints the
-results table of the last run; ``aead seeds`` runs the pipeline over training seeds and summarises the spread."""
+results table of the last run; ``aead compare`` puts two runs side by side with paired intervals; ``aead seeds`` runs
+the pipeline over training seeds and summarises the spread."""
 
 from __future__ import annotations
 
@@ -32,8 +33,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="whose map: an autoencoder's (default baseline), or 'pretrained' for --method pretrained")
     p.add_argument("--category", required=True, help="which category's model to use")
     p.add_argument("--method", choices=METHODS,
-                   help="anomaly map (default: export.method from the params, as in the exported detectors)")
-    p.add_argument("--params", default="params.yaml", help="the params the model was trained and evaluated with")
+                   help="anomaly map (default: that of the exported detectors, models/export/index.json; with "
+                        "--params, its export.method)")
+    p.add_argument("--params", help="params to score with, which must be those the models were evaluated with "
+                                    "(default: the ones recorded with them in <models-root>/calibration-<method>.json, "
+                                    "so that an edited params.yaml or a failed experiment does not change predictions)")
     p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files")
     p.add_argument("--out", required=True, help="output folder")
     r = sub.add_parser("results", help="the results table of the last run (Markdown), from metrics/",
@@ -42,6 +46,21 @@ def main(argv: list[str] | None = None) -> None:
                                    "calibrated threshold. The README's results table is this command's output.")
     r.add_argument("--metrics-dir", default="metrics")
     r.add_argument("--params", default="params.yaml")
+    c = sub.add_parser("compare", help="two runs' headline metrics and their differences, with paired intervals",
+                       description="Per anomaly map evaluated in both runs: image AUROC, pixel AUROC, AUPRO, and the "
+                                   "false-alarm rate and recall at the calibrated threshold, each with its interval, "
+                                   "and B - A with a paired bootstrap interval over the same test images (the "
+                                   "evaluation's own resamples); '*' marks a difference whose interval excludes 0. "
+                                   "A run is 'workspace' or any revision DVC knows: a commit, branch, tag or "
+                                   "`dvc exp` name.")
+    c.add_argument("a", metavar="A", help="the reference run, e.g. HEAD, main or workspace")
+    c.add_argument("b", metavar="B", nargs="?", default="workspace",
+                   help="the run compared with it (default: workspace)")
+    c.add_argument("--method", choices=METHODS, action="append",
+                   help="only this anomaly map (repeat for several; default: every map evaluated in both runs)")
+    c.add_argument("--repo", default=".", help="the DVC repository (default: the current folder)")
+    c.add_argument("--metrics-dir", default="metrics")
+    c.add_argument("--params", default="params.yaml", help="evaluate.confidence sets the intervals' level")
     s_ = sub.add_parser("seeds", help="run the pipeline with other training seeds as DVC experiments, and summarise",
                         description="'run' runs `dvc exp run --temp -S model.seed=N -S pretrained.seed=N` for each "
                                     "seed, one after the other (or queues them: --queue); 'summary' reads `dvc exp show --json` and prints mean ± standard deviation "
@@ -54,22 +73,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "results":
         run_stage(lambda: print(_results(args.metrics_dir, args.params)))
         return
+    if args.command == "compare":
+        run_stage(lambda: print(_compare(args), end=""))
+        return
     if args.command == "seeds":
         run_stage(lambda: _seeds(args.action, args.seeds, args.queue))
         return
     failed: list[int] = []
 
     def run() -> None:
-        from aead.predict import predict
+        from aead.predict import exported_method, predict, recorded_params
 
-        params = load_params(args.params)
-        method = args.method or params.export.method
+        models_root = Path(args.models_root)
+        if args.params:
+            params = load_params(args.params)
+            method = args.method or params.export.method
+        else:
+            method = args.method or exported_method(models_root)
+            params = recorded_params(models_root, method)
         valid = models_of(method, params.evaluate)
         model = args.model or valid[0]
         if model not in valid:
             raise ParamsError(f"--model {model}: method '{method}' is computed for {', '.join(valid)}")
-        results = predict(args.inputs, model, args.category, method, params, Path(args.models_root),
-                          Path(args.out), log=log)
+        results = predict(args.inputs, model, args.category, method, params, models_root, Path(args.out), log=log)
         bad = [r for r in results if r.error]
         for r in bad:
             print(f"error: {r.error}", file=sys.stderr)
@@ -85,6 +111,13 @@ def _results(metrics_dir: str, params_path: str) -> str:
     from aead.results import results_markdown
 
     return results_markdown(Path(metrics_dir), load_params(params_path).evaluate.confidence)
+
+
+def _compare(args: argparse.Namespace) -> str:
+    from aead.comparison import compare
+
+    confidence = load_params(args.params).evaluate.confidence
+    return compare(args.repo, args.a, args.b, confidence, args.metrics_dir, tuple(args.method or METHODS))
 
 
 def _seeds(action: str, seeds: list[int], queue: bool) -> None:

@@ -242,10 +242,9 @@ def torchvision_weights_path(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def load_torchvision_resnet(name: str) -> nn.Module:
-    """The torchvision model ``name`` (``resnet18`` or ``wide_resnet50_2``) with its IMAGENET1K_V1 weights
-    from the torch hub cache, in eval mode. A missing file raises ParamsError saying how to get it; nothing is
-    downloaded."""
+def resnet_weights_path(name: str) -> Path:
+    """The hub-cache file of torchvision ``name``'s IMAGENET1K_V1 weights; ParamsError saying how to get it when it
+    is not there (nothing is downloaded)."""
     if name not in RESNET_CHANNELS:
         raise ParamsError(f"unknown torchvision backbone {name!r}; valid: {', '.join(RESNET_CHANNELS)}")
     path = torchvision_weights_path(name)
@@ -257,6 +256,24 @@ def load_torchvision_resnet(name: str) -> nn.Module:
             f"{path.name} from that machine's ~/.cache/torch/hub/checkpoints/ to {path} (or point TORCH_HOME at a "
             f"folder holding hub/checkpoints/{path.name}); or use `pretrained.backbone: efficientnet_lite2` (or "
             f"lite0, lite1), whose weights ship with a pip package.")
+    return path
+
+
+def check_backbone_weights(name: str) -> Path:
+    """The weights file of backbone ``name``, checked without building the network: present, and for the
+    EfficientNet-Lite models the file whose digest this code was checked against. Raises what loading would."""
+    if name in LITE_VARIANTS:
+        path = efficientnet_lite_weights_path(name)
+        check_weights_file(path, name)
+        return path
+    return resnet_weights_path(name)
+
+
+def load_torchvision_resnet(name: str) -> nn.Module:
+    """The torchvision model ``name`` (``resnet18`` or ``wide_resnet50_2``) with its IMAGENET1K_V1 weights
+    from the torch hub cache, in eval mode. A missing file raises ParamsError saying how to get it; nothing is
+    downloaded."""
+    path = resnet_weights_path(name)
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -22,7 +22,8 @@ from aead.calibration import Calibration, calibrate
 from aead.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank, load_head, load_pretrained_bank
 from aead.data import Sample, Split, categories_of, load_split, read_split
 from aead.errors import CheckpointError, DataError
-from aead.params import PRETRAINED, MethodName, Params, missing_components, models_of, parts_of
+from aead.params import (PRETRAINED, MethodName, Params, missing_components, models_of, params_record,
+                         parts_of)
 from aead.scoring import RECONSTRUCTION_PARTS, SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
 from aead.training import autocast_for, setup_compute
 
@@ -58,6 +59,7 @@ class Evaluation:
     results: dict[str, dict[str, CategoryResult]] = field(default_factory=dict)
     calibration: dict[str, dict[str, Calibration]] = field(default_factory=dict)
     fusion: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)
+    resamples: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class TrainedModels:
@@ -177,23 +179,47 @@ def calibrate_on_validation(mapper: AnomalyMapper, val: Inputs, params: Params, 
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-def bootstrap(result: CategoryResult, image_score: str, category: str, resamples: int) -> dict[str, np.ndarray]:
+def bootstrap(result: CategoryResult, image_score: str, category: str, resamples: int,
+              threshold: float | None = None) -> dict[str, np.ndarray]:
     """Each interval metric's value on ``resamples`` bootstrap resamples of the category's test images (stratified,
     seeded by the category's name so that the intervals are reproducible and independent of the other
-    categories); empty without both classes or with ``resamples`` 0."""
+    categories), and with a ``threshold`` the good images it flags (``false_alarms``) and the defective ones it
+    catches (``detections``) in each resample; the metrics need both classes, nothing is drawn with ``resamples`` 0.
+
+    Two runs on the same test images draw the same resamples, so their values pair up resample by resample
+    (``aead compare``)."""
     labels = result.labels
-    if resamples == 0 or labels.min() == labels.max():
+    if resamples == 0:
         return {}
     counts = uncertainty.resample_counts(labels, resamples, seed=zlib.crc32(category.encode()))
-    masks = result.masks if result.masks is not None and (result.has_mask & (labels == 1)).any() else None
-    return uncertainty.resampled_metrics(labels, result.scores[image_score], counts, masks,
-                                         None if masks is None else result.maps, result.has_mask)
+    out: dict[str, np.ndarray] = {}
+    if labels.min() != labels.max():
+        masks = result.masks if result.masks is not None and (result.has_mask & (labels == 1)).any() else None
+        out.update(uncertainty.resampled_metrics(labels, result.scores[image_score], counts, masks,
+                                                 None if masks is None else result.maps, result.has_mask))
+    if threshold is not None:
+        flagged = result.scores[image_score] >= threshold
+        out["false_alarms"] = counts[:, flagged & (labels == 0)].sum(axis=1, dtype=np.int64)
+        out["detections"] = counts[:, flagged & (labels == 1)].sum(axis=1, dtype=np.int64)
+    return out
+
+
+def resample_record(model: str, category: str, result: CategoryResult, resampled: dict[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """The arrays ``aead compare`` pairs two runs with, keyed ``<model>/<category>/<name>``: the test images' paths
+    and labels (to check that both runs scored the same images) and every value of :func:`bootstrap`."""
+    arrays = {"paths": np.array([s.path for s in result.samples], dtype=np.str_),
+              "labels": np.asarray(result.labels, dtype=np.int8),
+              **{k: np.asarray(v, dtype=np.int64 if k in ("false_alarms", "detections") else np.float64)
+                 for k, v in resampled.items()}}
+    return {f"{model}/{category}/{k}": v for k, v in arrays.items()}
 
 
 def pooled_operating_point(per_cat: dict[str, dict[str, Any]], confidence: float) -> dict[str, Any]:
     """The operating point over all categories' test images together (counts summed): the share of all good images
     flagged and of all defective ones caught, with exact binomial intervals, and the flag-all rule's precision and
-    F1 beside them."""
+    F1 beside them; the largest false-alarm rate a category's threshold guarantees and the fewest validation good
+    images a category's threshold was fitted on."""
     points = [m["operating_point"] for m in per_cat.values() if "operating_point" in m]
     if not points:
         return {}
@@ -201,6 +227,7 @@ def pooled_operating_point(per_cat: dict[str, dict[str, Any]], confidence: float
     pooled = metrics.operating_point_of(tp, fp, fn, tn, confidence) if tp + fn and fp + tn else {}
     guaranteed = [p["guaranteed_false_alarm_rate"] for p in points if p["guaranteed_false_alarm_rate"] is not None]
     pooled["guaranteed_false_alarm_rate"] = max(guaranteed) if guaranteed else None
+    pooled["n_calibration_good"] = min(p["n_calibration_good"] for p in points)
     return pooled
 
 
@@ -320,7 +347,8 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             ev.results[model_name][cat] = result
             ev.calibration[model_name][cat] = cal
             start = time.perf_counter()
-            resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples)
+            resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples, cal.threshold)
+            ev.resamples.update(resample_record(model_name, cat, result, resampled[cat]))
             per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
             per_cat[cat].update(scoring_seconds=round(result.scoring_seconds, 3),
                                 scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds),
@@ -362,22 +390,29 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
 
 
 HEADLINE_KEYS = ("image_auroc", "image_auroc_low", "image_auroc_high", "pixel_auroc", "aupro", "false_alarm_rate",
-                 "recall")
+                 "false_alarm_rate_low", "false_alarm_rate_high", "recall", "recall_low", "recall_high",
+                 "guaranteed_false_alarm_rate", "calibration_good")
 
 
 def headline(summary: dict[str, Any] | None) -> dict[str, float | None]:
-    """The few numbers of a model's results that ``dvc metrics show`` lists: image AUROC with its interval, pixel
-    AUROC, AUPRO (means over categories), and the operating point on all test images together: the share of good
-    images its threshold flags and the share of defective ones it catches. Their exact binomial intervals are in
-    the details (``operating_point``, with the false-alarm rate the threshold guarantees) and in ``aead results``;
-    the line stays within a screen's width. None where undefined or not computed."""
+    """The numbers of a model's results that ``dvc metrics show`` lists: image AUROC with its bootstrap interval,
+    pixel AUROC, AUPRO (means over categories), and the operating point on all test images together: the share of
+    good images its threshold flags and the share of defective ones it catches, each with its exact binomial
+    interval, the false-alarm rate the thresholds guarantee (the largest of the categories') and the fewest validation
+    good images any category's threshold was fitted on. None where undefined or not computed."""
     summary = summary or {}
     ci = summary.get("image_auroc_ci") or [None, None]
     op = summary.get("operating_point") or {}
+    far_ci = op.get("false_alarm_rate_ci") or [None, None]
+    recall_ci = op.get("recall_ci") or [None, None]
     values = {"image_auroc": summary.get("image_auroc"), "image_auroc_low": ci[0], "image_auroc_high": ci[1],
               "pixel_auroc": summary.get("pixel_auroc"), "aupro": summary.get("aupro"),
-              "false_alarm_rate": op.get("false_alarm_rate"), "recall": op.get("recall")}
-    return {k: None if v is None else round(float(v), 4) for k, v in values.items()}
+              "false_alarm_rate": op.get("false_alarm_rate"), "false_alarm_rate_low": far_ci[0],
+              "false_alarm_rate_high": far_ci[1], "recall": op.get("recall"), "recall_low": recall_ci[0],
+              "recall_high": recall_ci[1], "guaranteed_false_alarm_rate": op.get("guaranteed_false_alarm_rate")}
+    out: dict[str, float | None] = {k: None if v is None else round(float(v), 4) for k, v in values.items()}
+    out["calibration_good"] = op.get("n_calibration_good")
+    return out
 
 
 def headline_name(method: str, model: str) -> str:
@@ -422,7 +457,8 @@ def _csv(value: float | None) -> Any:
 def calibration_record(params: Params, method: Method, calibration: dict[str, dict[str, Calibration]],
                        fusion: dict[str, dict[str, list[list[float]]]] | None = None) -> dict[str, Any]:
     """What a deployed model needs to turn its maps into a verdict: the scoring recipe and, per model and
-    category, the validation-fitted threshold and normalisation range (and the fused map's statistics)."""
+    category, the validation-fitted threshold and normalisation range (and the fused map's statistics), with all
+    the params of the run (``aead predict`` scores with them, whatever params.yaml says now)."""
     ev = params.evaluate
     fusion = fusion or {}
     models: dict[str, Any] = {}
@@ -441,6 +477,7 @@ def calibration_record(params: Params, method: Method, calibration: dict[str, di
         "pretrained_smooth_sigma": params.pretrained.smooth_sigma,
         "image_size": params.data.image_size,
         "models": models,
+        "params": params_record(params),
     }
 
 

@@ -99,6 +99,12 @@ def write_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Named arrays in one compressed ``.npz`` file (read back with ``np.load``, no pickling)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
 def save_torch(path: str | Path, obj: Any) -> None:
     import torch  # here, not at the top: stages that save no tensors (synthesize) start 2-3 s faster without it
 

@@ -312,6 +312,13 @@ class Params:
         return getattr(self, model)
 
 
+def params_record(params: Params) -> dict[str, Any]:
+    """Every section and key as plain JSON values; :func:`parse_params` reads it back to equal params."""
+    record = dataclasses.asdict(params)
+    record.pop("source")
+    return record
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read ``path`` and validate every section and key."""
     path = Path(path)

@@ -22,7 +22,7 @@ from aead.calibration import Calibration
 from aead.data import IMAGE_EXTENSIONS, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError, ParamsError
 from aead.evaluation import TrainedModels, require_trained, scoring_batch_size
-from aead.params import Params, parts_of
+from aead.params import Params, parse_params, parts_of
 from aead.scoring import AnomalyMapper, Inputs, score_inputs
 from aead.training import autocast_for, setup_compute
 
@@ -98,6 +98,27 @@ def load_calibration(path: Path, method: str, model: str, category: str, params:
     except KeyError as err:
         raise CheckpointError(f"{path}: no calibration for model '{model}', category '{category}'") from err
     return Calibration.from_dict(entry), entry.get("fusion")
+
+
+def recorded_params(models_root: Path, method: str) -> Params:
+    """The params the evaluation stage of ``method`` ran with, from its calibration file: the params of the models
+    in ``models_root``, whatever params.yaml holds now (an edit, or a failed ``dvc exp run``'s ``-S`` change)."""
+    path = models_root / f"calibration-{method}.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: calibration not found; run the evaluation stages first (dvc repro)")
+    record = json.loads(path.read_text())
+    if "params" not in record:
+        raise CheckpointError(f"{path}: written before calibration files recorded their params; rerun the "
+                              "evaluation stages (dvc repro), or pass --params")
+    return parse_params(record["params"], source=path)
+
+
+def exported_method(models_root: Path) -> str:
+    """The map of the exported detectors (export.method of the run that wrote ``<models_root>/export``)."""
+    path = models_root / "export" / "index.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found, so no default map; pass --method or run the export stage")
+    return json.loads(path.read_text())["method"]
 
 
 def load_trained(params: Params, models_root: Path, model: str, category: str, method: str,

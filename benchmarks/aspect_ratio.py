@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--test-good-strips", type=int, default=60)
     parser.add_argument("--defect-strips", type=int, default=20, help="per defect type (3 types)")
     args = parser.parse_args()
-    from aead.synthetic import generate_dataset
+    from aead.data.synthetic import generate_dataset
 
     if args.work.exists():
         shutil.rmtree(args.work)

@@ -32,14 +32,16 @@ from sklearn.metrics import roc_auc_score
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import functional as TF
 
-from aead import maps, metrics
-from aead.data import Sample, load_split, scan_category
+from aead.evaluation import metrics
+
+from aead.models import maps
+from aead.data.mvtec import Sample, load_split, scan_category
 from aead.params import load_params
-from aead.scoring import AnomalyMapper, Inputs, score_inputs
-from aead.synthetic import generate_dataset
-from aead.torch_model import build_model
-from aead.data import to_float, to_tensor
-from aead.training import autocast_for, train_step
+from aead.models.scoring import AnomalyMapper, Inputs, score_inputs
+from aead.data.synthetic import generate_dataset
+from aead.models.torch_model import build_model
+from aead.data.mvtec import to_float, to_tensor
+from aead.training.loops import autocast_for, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 

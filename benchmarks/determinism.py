@@ -4,7 +4,7 @@ Each run trains one autoencoder and a segmentation head on random images in a fr
 at a process's first computation), for each workload (image size, autoencoder and width), mode and thread count; the
 runs alternate between modes so that load on the machine hits them alike:
 
-* ``pinned``: ``model.deterministic: true``: fp32, AVX2 kernels, convolutions in :mod:`aead.kernels`' fixed pieces;
+* ``pinned``: ``model.deterministic: true``: fp32, AVX2 kernels, convolutions in :mod:`aead.training.kernels`' fixed pieces;
 * ``fast-fp32``: ``model.deterministic: false, model.precision: fp32`` (oneDNN, this CPU's instruction set);
 * ``fast-auto``: ``model.deterministic: false, model.precision: auto`` (bf16 autocast where the CPU has it natively).
 
@@ -46,8 +46,8 @@ def train_once(mode: str, size: int, model_name: str, width: int, images: int, e
     import torch
 
     from aead.params import load_params
-    from aead.torch_model import build_model
-    from aead.training import setup_compute, train_autoencoder, train_segmentation_head
+    from aead.models.torch_model import build_model
+    from aead.training.loops import setup_compute, train_autoencoder, train_segmentation_head
 
     params = load_params(REPO / "params.yaml")
     model_params = dataclasses.replace(params.model, epochs=epochs, patience=epochs + 1, **MODES[mode])

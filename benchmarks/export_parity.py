@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aead.data import read_image, scan_category
+from aead.data.mvtec import read_image, scan_category
 from aead.params import METHODS, load_params, models_of
-from aead.predict import predict
+from aead.deploy.predict import predict
 
 
 def main() -> None:

@@ -30,10 +30,10 @@ import numpy as np
 import yaml
 
 from aead import io
-from aead.data import read_split, write_manifest
+from aead.data.mvtec import read_split, write_manifest
 from aead.params import parse_params
-from aead.prepare import prepare_split
-from aead.synthetic import generate_dataset
+from aead.data.prepare import prepare_split
+from aead.data.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,8 +43,8 @@ def measure(patches: int, method: str, max_bank_size: int, test_images: int) -> 
     """Build and search at one size, in this process."""
     import torch
 
-    from aead.memory_bank import select_coreset
-    from aead.torch_model import nearest_distance
+    from aead.models.memory_bank import select_coreset
+    from aead.models.torch_model import nearest_distance
 
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(patches, CHANNELS, generator=gen)
@@ -66,9 +66,9 @@ def end_to_end(images: int, size: int) -> dict:
     """The real pretrained bank of ``images`` training images (default params), and the map's scoring speed."""
     import torch
 
-    from aead.memory_bank import fill_pretrained_bank, pretrained_memory
+    from aead.models.memory_bank import fill_pretrained_bank, pretrained_memory
     from aead.params import load_params
-    from aead.scoring import AnomalyMapper
+    from aead.models.scoring import AnomalyMapper
 
     params = load_params(REPO / "params.yaml").pretrained
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aead.data import list_images, read_image
+from aead.data.mvtec import list_images, read_image
 
 OFFSETS = (0, 80, 160, 240)
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from aead import maps
-from aead.backbones import build_backbone
-from aead.data import category_shape, load_split, scan_category, to_float, to_tensor
-from aead.memory_bank import _batches, _collect, select_coreset
-from aead.torch_model import PretrainedPatchMemory, nearest_distance
+from aead.models import maps
+from aead.models.backbones import build_backbone
+from aead.data.mvtec import category_shape, load_split, scan_category, to_float, to_tensor
+from aead.models.memory_bank import _batches, _collect, select_coreset
+from aead.models.torch_model import PretrainedPatchMemory, nearest_distance
 
 
 def extra_channels(memory: PretrainedPatchMemory, x: torch.Tensor, f: torch.Tensor, expand: list[int],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.memory_bank import build_banks_and_save
+from aead.models.memory_bank import build_banks_and_save
 from aead.params import MODEL_NAMES, load_params
 
 

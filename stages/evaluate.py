@@ -8,12 +8,12 @@ from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.evaluation import (calibration_record, evaluate, headline, headline_name, heatmap_picker,
+from aead.evaluation.evaluate import (calibration_record, evaluate, headline, headline_name, heatmap_picker,
                              not_trained_record)
 from aead.params import METHODS, load_params, models_of
-from aead.scoring import SCORE_NAMES
-from aead.plots import comparison_figure, note_figure
-from aead.report import write_heatmaps
+from aead.models.scoring import SCORE_NAMES
+from aead.evaluation.plots import comparison_figure, note_figure
+from aead.evaluation.report import write_heatmaps
 
 CSV_COLUMNS = {
     "roc.csv": ["model", "category", "fpr", "tpr"],

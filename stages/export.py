@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.export import export_all
+from aead.deploy.export import export_all
 from aead.params import METHODS, load_params
 
 

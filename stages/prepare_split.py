@@ -8,7 +8,7 @@ import time
 from aead import io
 from aead.cli import log, run_stage
 from aead.params import load_params
-from aead.prepare import prepare_split
+from aead.data.prepare import prepare_split
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import time
 from aead import io
 from aead.cli import log, run_stage
 from aead.params import load_params
-from aead.synthetic import generate_dataset
+from aead.data.synthetic import generate_dataset
 
 
 def main() -> None:

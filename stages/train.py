@@ -7,9 +7,9 @@ from pathlib import Path
 
 from aead import io
 from aead.cli import log, run_stage
-from aead.distributed import barrier, init_distributed, shutdown
+from aead.training.distributed import barrier, init_distributed, shutdown
 from aead.params import MODEL_NAMES, load_params
-from aead.training import clear_resume, select_device, train_and_save
+from aead.training.loops import clear_resume, select_device, train_and_save
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from aead import io
 from aead.cli import log, run_stage
 from aead.params import MODEL_NAMES, load_params
-from aead.training import train_heads_and_save
+from aead.training.loops import train_heads_and_save
 
 
 def main() -> None:

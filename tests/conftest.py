@@ -7,7 +7,7 @@ from pathlib import Path
 
 # The pipeline's default (model.deterministic: true) pins PyTorch's CPU kernels to AVX2 and MKL to its reproducible
 # AVX2 mode before the first computation of a process; the test process computes before any stage function runs, so
-# it starts pinned (aead.numerics.configure checks this and would refuse).
+# it starts pinned (aead.training.numerics.configure checks this and would refuse).
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
@@ -82,8 +82,8 @@ def make_odd_dataset(tmp_path: Path) -> Path:
 def train_everything(params, models_root: Path) -> None:
     """Every trained part of the pipeline, as the training stages make them: both autoencoders, their heads and
     banks, and the pretrained banks."""
-    from aead.memory_bank import build_banks_and_save, build_pretrained_banks_and_save
-    from aead.training import train_and_save, train_heads_and_save
+    from aead.models.memory_bank import build_banks_and_save, build_pretrained_banks_and_save
+    from aead.training.loops import train_and_save, train_heads_and_save
 
     quiet = lambda m: None  # noqa: E731
     for model in ("baseline", "multiscale"):

@@ -14,7 +14,7 @@ import torchvision
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from aead.backbones import (
+from aead.models.backbones import (
     BACKBONES,
     LITE_VARIANTS,
     EfficientNetLite,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aead.calibration import Calibration, calibrate, conformal_rank, needed_good_images, rate_bound
+from aead.evaluation.calibration import Calibration, calibrate, conformal_rank, needed_good_images, rate_bound
 
 
 def test_threshold_is_the_conformal_order_statistic_and_sits_at_one_half():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aead import metrics, uncertainty
-from aead.comparison import Run, check_paired, compare_runs, format_comparison, resampled_headline
-from aead.data import Sample
+from aead.evaluation import metrics, uncertainty
+from aead.evaluation.comparison import Run, check_paired, compare_runs, format_comparison, resampled_headline
+from aead.data.mvtec import Sample
 from aead.errors import DataError
-from aead.evaluation import CategoryResult, bootstrap, resample_record
+from aead.evaluation.evaluate import CategoryResult, bootstrap, resample_record
 
 RESAMPLES = 400
 

@@ -1,11 +1,11 @@
-"""Tests for aead.corruption: synthetic anomalies for denoising training."""
+"""Tests for aead.data.corruption: synthetic anomalies for denoising training."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from aead.corruption import MODES, corrupt_batch, perlin_noise
+from aead.data.corruption import MODES, corrupt_batch, perlin_noise
 from aead.errors import ParamsError
 
 CORRUPTING = ("perlin", "cutpaste", "erase", "mixed")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aead.data import read_image, read_mask, read_split, scan_category, split_train_val
+from aead.data.mvtec import read_image, read_mask, read_split, scan_category, split_train_val
 from aead.errors import DataError
 from aead.params import DataParams
-from aead.prepare import prepare_split
+from aead.data.prepare import prepare_split
 from conftest import save
 
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from aead.backbones import build_backbone
-from aead.checkpoint import load_pretrained_bank, save_pretrained_bank
-from aead.data import read_manifest, write_manifest
+from aead.models.backbones import build_backbone
+from aead.training.checkpoint import load_pretrained_bank, save_pretrained_bank
+from aead.data.mvtec import read_manifest, write_manifest
 from aead.errors import DataError
-from aead.memory_bank import build_pretrained_banks_and_save, part_scales
+from aead.models.memory_bank import build_pretrained_banks_and_save, part_scales
 from aead.params import parse_params
-from aead.prepare import prepare_split
-from aead.torch_model import FeatureDiscriminator, PretrainedPatchMemory
-from aead.training import train_feature_discriminator
+from aead.data.prepare import prepare_split
+from aead.models.torch_model import FeatureDiscriminator, PretrainedPatchMemory
+from aead.training.loops import train_feature_discriminator
 
 
 def manifold(n: int, channels: int = 16, rank: int = 3, seed: int = 0) -> torch.Tensor:

@@ -17,10 +17,10 @@ import pytest
 import torch
 import yaml
 
-from aead.distributed import DistContext, shard
+from aead.training.distributed import DistContext, shard
 from aead.params import parse_params
-from aead.prepare import prepare_split
-from aead.synthetic import generate_dataset
+from aead.data.prepare import prepare_split
+from aead.data.synthetic import generate_dataset
 
 # Per-epoch train and validation loss of the 2-process run vs the 1-process run, relative. On CPU each
 # process normalises BatchNorm with the statistics of its half of the batch (SyncBatchNorm needs CUDA),
@@ -117,9 +117,9 @@ def test_shards_cover_a_batch_once(n, world):
 EXACT_SCRIPT = """
 import json, os, sys
 import numpy as np, torch
-from aead.distributed import init_distributed, shutdown
+from aead.training.distributed import init_distributed, shutdown
 from aead.params import ModelParams
-from aead.training import train_autoencoder
+from aead.training.loops import train_autoencoder
 
 images = np.random.default_rng(0).integers(0, 256, size=(11, 16, 16, 3), dtype=np.uint8)
 ctx = init_distributed(torch.device("cpu"))

@@ -11,13 +11,13 @@ import torch
 
 from conftest import tiny_training, train_everything
 
-from aead.data import read_split
+from aead.data.mvtec import read_split
 from aead.errors import CheckpointError
-from aead.evaluation import TrainedModels, category_inputs, evaluate
+from aead.evaluation.evaluate import TrainedModels, category_inputs, evaluate
 from aead.params import parse_params
-from aead.prepare import prepare_split
-from aead.scoring import score_inputs
-from aead.training import autocast_for
+from aead.data.prepare import prepare_split
+from aead.models.scoring import score_inputs
+from aead.training.loops import autocast_for
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def test_panels_show_a_reconstruction_only_for_maps_built_on_it(trained, tmp_pat
     [seg, knn] map's do."""
     from PIL import Image
 
-    from aead.evaluation import heatmap_picker
-    from aead.report import write_heatmaps
+    from aead.evaluation.evaluate import heatmap_picker
+    from aead.evaluation.report import write_heatmaps
 
     params, work = trained
     kept = {}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aead.export import build_detector, export_all
+from aead.deploy.export import build_detector, export_all
 from test_predict import pipeline  # noqa: F401  (module fixture: a trained, calibrated tiny pipeline)
 
 TRANSISTOR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_transistor_256" / "transistor"
@@ -120,7 +120,7 @@ def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path,
     import dataclasses
 
     from aead.params import load_params
-    from aead.predict import predict
+    from aead.deploy.predict import predict
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")

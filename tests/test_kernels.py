@@ -1,4 +1,4 @@
-"""The pinned training convolutions (aead.kernels): the same values as PyTorch's, bit for bit the same for any
+"""The pinned training convolutions (aead.training.kernels): the same values as PyTorch's, bit for bit the same for any
 number of threads, and used only where they should be."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aead import kernels
-from aead.kernels import PinnedKernels, _Conv2d, _ConvTranspose2d, _Pool, pieces
+from aead.training import kernels
+from aead.training.kernels import PinnedKernels, _Conv2d, _ConvTranspose2d, _Pool, pieces
 
 CONV_CASES = [  # x shape, weight shape, bias, padding: several pieces per image, whole-image groups, odd sizes
     ((2, 5, 37, 300), (7, 5, 3, 3), True, (1, 1)),
@@ -141,8 +141,8 @@ def test_the_mode_works_under_inference_mode():
 TRAIN_SCRIPT = """
 import dataclasses, hashlib, numpy as np, torch
 from aead.params import load_params
-from aead.torch_model import build_model
-from aead.training import setup_compute, train_autoencoder
+from aead.models.torch_model import build_model
+from aead.training.loops import setup_compute, train_autoencoder
 params = load_params("params.yaml")
 model = dataclasses.replace(params.model, epochs=1, patience=2, batch_size=4, deterministic=True)
 device = setup_compute(model, training=True)

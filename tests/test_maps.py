@@ -1,4 +1,4 @@
-"""Tests for aead.maps against scipy.ndimage and scikit-image."""
+"""Tests for aead.models.maps against scipy.ndimage and scikit-image."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from scipy import ndimage
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
-from aead import maps as A
+from aead.models import maps as A
 from aead.errors import DataError, ParamsError
 
 

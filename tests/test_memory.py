@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from aead.checkpoint import load_encoder_bank, save_encoder_bank
+from aead.training.checkpoint import load_encoder_bank, save_encoder_bank
 from aead.errors import CheckpointError
-from aead.memory_bank import build_encoder_bank, coreset_size, greedy_coreset, select_coreset
-from aead.scoring import SCALE_FLOOR, mean_and_peak_scale
-from aead.torch_model import PatchMemory, build_model, nearest_distance, patch_features
+from aead.models.memory_bank import build_encoder_bank, coreset_size, greedy_coreset, select_coreset
+from aead.models.scoring import SCALE_FLOOR, mean_and_peak_scale
+from aead.models.torch_model import PatchMemory, build_model, nearest_distance, patch_features
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:

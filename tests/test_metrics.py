@@ -1,4 +1,4 @@
-"""Tests for aead.metrics against scikit-learn and slow, obvious reference implementations."""
+"""Tests for aead.evaluation.metrics against scikit-learn and slow, obvious reference implementations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from aead import metrics as M
+from aead.evaluation import metrics as M
 from aead.errors import DataError, ParamsError
 
 SEEDS = [0, 1, 2, 3, 4]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from aead.errors import ParamsError
-from aead.torch_model import BaselineAutoencoder, MultiScaleAutoencoder, build_head, build_model, count_parameters
+from aead.models.torch_model import BaselineAutoencoder, MultiScaleAutoencoder, build_head, build_model, count_parameters
 
 
 def test_parameter_counts_match_the_seed():

@@ -18,9 +18,9 @@ from PIL import Image
 from conftest import tiny_training, train_everything
 
 from aead import io
-from aead.evaluation import calibration_record, evaluate
+from aead.evaluation.evaluate import calibration_record, evaluate
 from aead.params import parse_params
-from aead.prepare import prepare_split
+from aead.data.prepare import prepare_split
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aead.params import load_params
-from aead.results import results_markdown
+from aead.evaluation.results import results_markdown
 
 
 def test_readme_results_table_is_aead_results_of_the_committed_run(repo_root):

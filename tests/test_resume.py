@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from aead.params import parse_params
-from aead.prepare import prepare_split
+from aead.data.prepare import prepare_split
 
 
 def make_setup(work: Path, raw_params: dict, dataset: Path, flip_rotate: bool = False) -> Path:

@@ -18,10 +18,10 @@ from PIL import Image
 from conftest import save
 
 from aead import io
-from aead.evaluation import calibration_record, evaluate
-from aead.memory_bank import build_pretrained_banks_and_save
+from aead.evaluation.evaluate import calibration_record, evaluate
+from aead.models.memory_bank import build_pretrained_banks_and_save
 from aead.params import parse_params
-from aead.prepare import prepare_split
+from aead.data.prepare import prepare_split
 
 # (height, width): 16:1 strips dominate the training set, so the category's working shape is a long strip too
 TRAIN_SHAPES = [(16, 256)] * 5 + [(20, 320), (24, 300), (12, 200)]

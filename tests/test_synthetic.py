@@ -1,4 +1,4 @@
-"""Tests for aead.synthetic: the embedded synthetic data set in MVTec AD layout."""
+"""Tests for aead.data.synthetic: the embedded synthetic data set in MVTec AD layout."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aead import synthetic
+from aead.data import synthetic
 from aead.errors import ParamsError
-from aead.synthetic import CATEGORIES, generate_dataset
+from aead.data.synthetic import CATEGORIES, generate_dataset
 
 SIZE = 64
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 3, 2, 2

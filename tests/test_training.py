@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from aead.checkpoint import load_checkpoint, save_checkpoint
+from aead.training.checkpoint import load_checkpoint, save_checkpoint
 from aead.errors import CheckpointError, TrainingError
 from aead.params import ModelParams, SegmentationParams
-from aead.torch_model import build_model
-from aead.training import flip_rotate, focal_loss, train_autoencoder, train_segmentation_head
+from aead.models.torch_model import build_model
+from aead.training.loops import flip_rotate, focal_loss, train_autoencoder, train_segmentation_head
 
 PARAMS = ModelParams(per_category=True, epochs=3, batch_size=4, lr=1e-2, weight_decay=0.0, patience=5,
                      lr_factor=0.5, lr_patience=1, grad_clip=1.0,
@@ -101,8 +101,8 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 
 def test_image_source_gives_the_same_batches_from_a_memory_map_and_from_a_resident_copy(tmp_path):
     """The per-batch path (CPU, memory map) and the whole-array path (what CUDA uses when it fits)."""
-    from aead.numerics import memory_format
-    from aead.training import ImageSource
+    from aead.training.numerics import memory_format
+    from aead.training.loops import ImageSource
 
     images = np.random.default_rng(0).integers(0, 256, size=(10, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "x.npy", images)
@@ -155,8 +155,8 @@ def test_segmentation_head_learns_the_synthetic_defects_and_is_deterministic():
 
 def focal_loss_of(ae: torch.nn.Module, head_state: dict | None) -> float:
     """The focal loss of a head on fresh corrupted images (a fixed draw, eval mode)."""
-    from aead.corruption import corrupt_batch
-    from aead.torch_model import build_head
+    from aead.data.corruption import corrupt_batch
+    from aead.models.torch_model import build_head
 
     head = build_head(4, seed=PARAMS.seed + 3)
     if head_state is not None:
@@ -170,8 +170,8 @@ def focal_loss_of(ae: torch.nn.Module, head_state: dict | None) -> float:
 
 
 def test_segmentation_head_round_trip(tmp_path):
-    from aead.checkpoint import load_head, save_head
-    from aead.torch_model import build_head
+    from aead.training.checkpoint import load_head, save_head
+    from aead.models.torch_model import build_head
 
     head = build_head(4, seed=1).eval()
     save_head(tmp_path / "x.pt", head, {"base_channels": 4})

@@ -1,4 +1,4 @@
-"""Tests for aead.uncertainty: stratified seeded resampling, per-resample metrics against the exact ones
+"""Tests for aead.evaluation.uncertainty: stratified seeded resampling, per-resample metrics against the exact ones
 computed on the explicitly repeated test set, and the percentile intervals."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from aead import metrics as M
+from aead.evaluation import metrics as M
 from aead.errors import DataError, ParamsError
-from aead.uncertainty import interval, mean_interval, resample_counts, resampled_metrics
+from aead.evaluation.uncertainty import interval, mean_interval, resample_counts, resampled_metrics
 
 
 def _blob_case(

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     failed: list[int] = []
 
     def run() -> None:
-        from aead.predict import exported_method, predict, recorded_params
+        from aead.deploy.predict import exported_method, predict, recorded_params
 
         models_root = Path(args.models_root)
         if args.params:
@@ -108,20 +108,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _results(metrics_dir: str, params_path: str) -> str:
-    from aead.results import results_markdown
+    from aead.evaluation.results import results_markdown
 
     return results_markdown(Path(metrics_dir), load_params(params_path).evaluate.confidence)
 
 
 def _compare(args: argparse.Namespace) -> str:
-    from aead.comparison import compare
+    from aead.evaluation.comparison import compare
 
     confidence = load_params(args.params).evaluate.confidence
     return compare(args.repo, args.a, args.b, confidence, args.metrics_dir, tuple(args.method or METHODS))
 
 
 def _seeds(action: str, seeds: list[int], queue: bool) -> None:
-    from aead.results import exp_show, run_seed_experiments, seed_summary, seeds_markdown
+    from aead.evaluation.results import exp_show, run_seed_experiments, seed_summary, seeds_markdown
 
     if action == "run":
         run_seed_experiments(seeds, queue)

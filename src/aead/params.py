@@ -25,7 +25,7 @@ METHODS: tuple[str, ...] = typing.get_args(MethodName)  # the anomaly maps (one 
 AUTOENCODER_PARTS: tuple[str, ...] = ("l1", "ssim", "seg", "knn")  # the maps computed from an autoencoder
 PRETRAINED = "pretrained"  # the model name under which the pretrained map's results are reported
 CoresetMethod = Literal["greedy", "random"]
-# The pretrained backbones and the layers a user may choose (aead.backbones builds them; a test checks they agree)
+# The pretrained backbones and the layers a user may choose (aead.models.backbones builds them; a test checks they agree)
 BACKBONE_LAYERS: dict[str, tuple[str, ...]] = {
     "efficientnet_lite0": tuple(f"blocks.{i}" for i in range(16)),
     "efficientnet_lite1": tuple(f"blocks.{i}" for i in range(21)),

@@ -9,8 +9,8 @@ import shlex
 import shutil
 from pathlib import Path
 
-from aead.backbones import check_backbone_weights
-from aead.data import scan_category
+from aead.models.backbones import check_backbone_weights
+from aead.data.mvtec import scan_category
 from aead.errors import ParamsError
 from aead.params import Params, load_params
 

@@ -28,9 +28,7 @@ import torch
 from scipy import special
 from torch import Tensor
 
-from aead import metrics
-
-
+from aead.evaluation import metrics
 @dataclass(frozen=True)
 class Calibration:
     """Raw-score threshold (an image is flagged when its score is at least ``threshold``), the range used to

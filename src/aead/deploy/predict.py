@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from aead import io
-from aead.calibration import Calibration
-from aead.data import IMAGE_EXTENSIONS, read_image, resize_image
+from aead.evaluation.calibration import Calibration
+from aead.data.mvtec import IMAGE_EXTENSIONS, read_image, resize_image
 from aead.errors import AeadError, CheckpointError, DataError, ParamsError
-from aead.evaluation import TrainedModels, require_trained, scoring_batch_size
+from aead.evaluation.evaluate import TrainedModels, require_trained, scoring_batch_size
 from aead.params import Params, parse_params, parts_of
-from aead.scoring import AnomalyMapper, Inputs, score_inputs
-from aead.training import autocast_for, setup_compute
+from aead.models.scoring import AnomalyMapper, Inputs, score_inputs
+from aead.training.loops import autocast_for, setup_compute
 
 CSV_COLUMNS = ("path", "relative_path", "category", "score", "verdict", "raw_score", "heatmap", "mask", "error")
 

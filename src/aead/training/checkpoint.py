@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from aead import io
-from aead.backbones import build_backbone
+from aead.models.backbones import build_backbone
 from aead.errors import CheckpointError
-from aead.torch_model import (FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head,
+from aead.models.torch_model import (FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head,
                               build_model)
 
 FORMAT_VERSION = 2

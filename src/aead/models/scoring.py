@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aead import maps
-from aead.corruption import corrupt_batch
-from aead.data import Shape, resize_batch, to_float, to_tensor
-from aead.torch_model import PatchMemory, PretrainedPatchMemory, sum_on_scales
+from aead.models import maps
+from aead.data.corruption import corrupt_batch
+from aead.data.mvtec import Shape, resize_batch, to_float, to_tensor
+from aead.models.torch_model import PatchMemory, PretrainedPatchMemory, sum_on_scales
 
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
 RECONSTRUCTION_PARTS = ("l1", "ssim", "seg")  # the maps that need the autoencoder's reconstruction

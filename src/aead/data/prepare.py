@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aead import io
-from aead.data import Sample, load_split, scan_category, split_train_val, write_manifest
+from aead.data.mvtec import Sample, load_split, scan_category, split_train_val, write_manifest
 from aead.errors import DataError
 from aead.params import DataParams
 

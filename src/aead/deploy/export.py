@@ -5,7 +5,7 @@ Input: one uint8 RGB image tensor (H, W, 3) of any size (repeat a grayscale imag
 Output: ``(score, raw_score, anomaly_map)``: the score normalised so the calibrated threshold is 0.5 (above
 0.5 = anomalous), the raw image score, and the anomaly map (at the map's working shape).
 The graph resizes and computes maps with the same functions as the pipeline (``data.resize_batch``,
-:class:`aead.scoring.AnomalyMapper`), so its scores equal those of the evaluation stages and of `aead predict`.
+:class:`aead.models.scoring.AnomalyMapper`), so its scores equal those of the evaluation stages and of `aead predict`.
 The memory banks travel inside the file as tensors (the bank of ``max_bank_size`` patches at most).
 """
 
@@ -19,17 +19,19 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from aead import io, maps
-from aead.calibration import Calibration, normalize_scores
-from aead.data import resize_batch
-from aead.numerics import memory_format
+from aead import io
+
+from aead.models import maps
+from aead.evaluation.calibration import Calibration, normalize_scores
+from aead.data.mvtec import resize_batch
+from aead.training.numerics import memory_format
 from aead.params import Params, models_of
-from aead.predict import load_trained
-from aead.scoring import AnomalyMapper
+from aead.deploy.predict import load_trained
+from aead.models.scoring import AnomalyMapper
 
 
 class Detector(nn.Module):
-    """Preprocessing, anomaly map (:class:`aead.scoring.AnomalyMapper`, holding only the parts its method uses),
+    """Preprocessing, anomaly map (:class:`aead.models.scoring.AnomalyMapper`, holding only the parts its method uses),
     image score and score normalisation in one module."""
 
     def __init__(self, mapper: AnomalyMapper, image_size: int, image_score: str, calibration: Calibration) -> None:
@@ -62,7 +64,7 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
 
 def operating_point_record(cal: Calibration) -> dict[str, Any]:
     """The threshold an exported detector applies (raw score; the normalised score's is 0.5), the false-alarm rate it
-    guarantees (see :mod:`aead.calibration`), and the pixel threshold ``aead predict`` draws its defect masks with:
+    guarantees (see :mod:`aead.evaluation.calibration`), and the pixel threshold ``aead predict`` draws its defect masks with:
     the same raw value, applied to the anomaly map after a bilinear resize to the input image's size."""
     return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5, "raw_pixel_threshold": cal.threshold,
             **cal.guarantee_record(), "bound_confidence": cal.bound_confidence}

@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from aead import io
 from aead.errors import DataError
-from aead.numerics import memory_format
+from aead.training.numerics import memory_format
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 MANIFEST_COLUMNS = ("index", "path", "category", "defect_type", "label", "mask_path")
@@ -380,5 +380,5 @@ def to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def to_float(batch: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float in [0, 1], channels-last (faster convolutions on CPU and GPU) unless the CPU numerics are
-    pinned (:mod:`aead.numerics`)."""
+    pinned (:mod:`aead.training.numerics`)."""
     return (batch.float() / 255.0).contiguous(memory_format=memory_format())

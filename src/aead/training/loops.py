@@ -29,16 +29,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aead import io
-from aead.corruption import corrupt_batch
-from aead.maps import rgb_to_gray, ssim_map
-from aead import numerics
-from aead.numerics import memory_format
-from aead.checkpoint import JOINT, checkpoint_name, find_checkpoint, load_checkpoint, save_checkpoint, save_head
-from aead.data import manifest_digest, read_split, to_float, to_tensor
-from aead.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
+from aead.data.corruption import corrupt_batch
+from aead.models.maps import rgb_to_gray, ssim_map
+from aead.training import numerics
+from aead.training.numerics import memory_format
+from aead.training.checkpoint import JOINT, checkpoint_name, find_checkpoint, load_checkpoint, save_checkpoint, save_head
+from aead.data.mvtec import manifest_digest, read_split, to_float, to_tensor
+from aead.training.distributed import SINGLE, DistContext, all_reduce_sum, barrier, process_device, shard
 from aead.errors import DataError, ParamsError, TrainingError
 from aead.params import ModelParams, Params, SegmentationParams
-from aead.torch_model import FeatureDiscriminator, build_head, build_model, count_parameters
+from aead.models.torch_model import FeatureDiscriminator, build_head, build_model, count_parameters
 
 Log = Callable[[str], None]
 
@@ -60,7 +60,7 @@ def configure_threads(num_threads: int) -> None:
 
 def setup_compute(model: ModelParams, training: bool = False) -> torch.device:
     """The device ``model.device`` asks for, with the thread count set up and, for ``training`` with
-    ``model.deterministic``, the pinned CPU numerics of :mod:`aead.numerics`; call it before any computation.
+    ``model.deterministic``, the pinned CPU numerics of :mod:`aead.training.numerics`; call it before any computation.
 
     Only training is pinned: it amplifies last-bit differences over thousands of steps, while a forward pass (banks,
     evaluation, export) keeps them at the last bits, far below what moves a metric (the default run under another
@@ -130,7 +130,7 @@ def autocast_for(device: torch.device, precision: str = "auto", deterministic: b
     ``fp32``: none. ``bf16``: bf16 autocast. ``auto``: bf16 on CUDA GPUs, fp16 with a GradScaler on older GPUs; on
     CPUs fp32 when ``deterministic`` (bf16 kernels differ between CPUs), else bf16 where the CPU computes it natively.
     Weights, optimiser and loss stay fp32. On a CPU with ``deterministic`` in a process whose numerics are pinned
-    (training), the context is fp32 in :func:`aead.numerics.training_kernels`' convolutions."""
+    (training), the context is fp32 in :func:`aead.training.numerics.training_kernels`' convolutions."""
     if precision == "fp32" and not (deterministic and device.type == "cpu"):
         return nullcontext(), None
     if device.type == "cuda":
@@ -336,7 +336,7 @@ def focal_loss(logits: Tensor, target: Tensor, gamma: float = FOCAL_GAMMA) -> Te
 def train_segmentation_head(autoencoder: nn.Module, train_images: np.ndarray, seg: SegmentationParams,
                             params: ModelParams, device: torch.device, log: Log = print, tag: str = "",
                             augment: bool = False) -> HeadResult:
-    """Train a :class:`~aead.torch_model.SegmentationHead` for ``seg.steps`` Adam steps (learning rate
+    """Train a :class:`~aead.models.torch_model.SegmentationHead` for ``seg.steps`` Adam steps (learning rate
     ``seg.lr`` decayed to 0 along a cosine) on top of the frozen
     ``autoencoder``: each batch of training images is corrupted (``seg.corruption``, a share
     ``seg.corruption_probability`` of the images), reconstructed, and the head learns the corruption mask from

@@ -9,7 +9,7 @@ metrics of all resamples are computed at once from those counts:
   once, and a resample's histograms are the count-weighted sums of them
   (a matrix product), from which the binned ROC and PRO curves follow.
 
-Conventions as in :mod:`aead.metrics`: label 1 = anomalous, a higher score =
+Conventions as in :mod:`aead.evaluation.metrics`: label 1 = anomalous, a higher score =
 more anomalous, a pixel is detected when ``score >= threshold``. Undefined
 values (e.g. no defect pixel drawn) are NaN.
 """
@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from aead.errors import DataError, ParamsError
-from aead.metrics import _CHUNK, _as_labels, _check_binary, _check_pixels, _label_regions
+from aead.evaluation.metrics import _CHUNK, _as_labels, _check_binary, _check_pixels, _label_regions
 
 __all__ = ["resample_counts", "resampled_metrics", "interval", "mean_interval"]
 

@@ -6,10 +6,10 @@ most ``max_bank_size``. The ``greedy`` coreset is k-center selection (each new p
 already chosen), measured on a seeded random projection to :data:`PROJECTION_DIM` dimensions as PatchCore does; it
 costs O(N x k) for N patches and k chosen, so the bound on k keeps it linear in N. ``random`` draws the patches
 uniformly (O(N)). The size bound also keeps the exact nearest-neighbour search of the scoring linear in the number of
-test images (:func:`aead.torch_model.nearest_distance`).
+test images (:func:`aead.models.torch_model.nearest_distance`).
 
 The pretrained bank's stage also trains SimpleNet's feature discriminator on all the training patches
-(``pretrained.discriminator_*``, :func:`aead.training.train_feature_discriminator`) and measures the scale of both
+(``pretrained.discriminator_*``, :func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both
 maps on the validation images (:func:`part_scales`), so that the ``pretrained`` map can sum them.
 """
 
@@ -28,14 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from aead import io
-from aead.backbones import build_backbone
-from aead.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
-from aead.data import Sample, Shape, category_shape, load_split, read_manifest, read_split, to_float, to_tensor
+from aead.models.backbones import build_backbone
+from aead.training.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
+from aead.data.mvtec import Sample, Shape, category_shape, load_split, read_manifest, read_split, to_float, to_tensor
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
-from aead.scoring import mean_and_peak_scale
-from aead.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
-from aead.training import DiscriminatorStats, setup_compute, train_feature_discriminator
+from aead.models.scoring import mean_and_peak_scale
+from aead.models.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
+from aead.training.loops import DiscriminatorStats, setup_compute, train_feature_discriminator
 
 PROJECTION_DIM = 32
 CORESET_METHODS = ("greedy", "random")
@@ -162,7 +162,7 @@ def fill_pretrained_bank(memory: PretrainedPatchMemory, train_images: np.ndarray
 @torch.inference_mode()
 def part_scales(memory: PretrainedPatchMemory, val_images: np.ndarray, device: torch.device, batch_size: int = 8
                 ) -> Tensor:
-    """(2, 2): the mean and peak scale (:func:`aead.scoring.mean_and_peak_scale`) of the nearest-patch distance map
+    """(2, 2): the mean and peak scale (:func:`aead.models.scoring.mean_and_peak_scale`) of the nearest-patch distance map
     and of the discriminator's map over defect-free ``val_images`` (uint8 NHWC at the working shape), before the map
     is smoothed (so ``pretrained.smooth_sigma`` stays a parameter of the scoring alone)."""
     if len(val_images) == 0:

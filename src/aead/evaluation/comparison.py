@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aead import uncertainty
+from aead.evaluation import uncertainty
 from aead.errors import DataError
 from aead.params import METHODS
 

@@ -1,5 +1,5 @@
 """Convolutions whose results do not depend on the CPU's thread count, and that still use every core
-(``model.deterministic``'s training kernels; :mod:`aead.numerics` pins the rest).
+(``model.deterministic``'s training kernels; :mod:`aead.training.numerics` pins the rest).
 
 A convolution is cut into pieces fixed by its shape: blocks of output rows of one image, or groups of whole small
 images, each with about :data:`PIECE_ELEMENTS` unfolded input values. Each piece is one matrix product on one
@@ -17,7 +17,7 @@ threads there are, therefore cannot change a bit of the result; the pieces are t
 :class:`PinnedKernels` routes the ``torch.nn.functional`` calls of these shapes with at least
 :data:`PIECES_MIN_MACS` multiply-adds per image to them inside its ``with`` block; smaller ones, other convolutions,
 other dtypes and other devices keep PyTorch's kernels (with oneDNN off and MKL single-threaded, as
-:func:`aead.numerics.configure` leaves a training process, those are thread-count independent too).
+:func:`aead.training.numerics.configure` leaves a training process, those are thread-count independent too).
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ _CONV_TRANSPOSE2D = {torch.conv_transpose2d, F.conv_transpose2d}
 
 class PinnedKernels(TorchFunctionMode):
     """Inside ``with PinnedKernels(threads):``, fp32 CPU convolutions of the shapes above run on
-    :mod:`aead.kernels`' thread-count-independent pieces, on ``threads`` threads (default: torch's count).
+    :mod:`aead.training.kernels`' thread-count-independent pieces, on ``threads`` threads (default: torch's count).
     Reusable; :meth:`close` stops its threads."""
 
     def __init__(self, threads: int | None = None) -> None:

@@ -1,6 +1,6 @@
 """The evaluation stages: score the test split with each trained model, per category, and compute the metrics.
 
-The maps are those of :mod:`aead.scoring`. Only the prepared test manifest (and its images at each map's shape), the
+The maps are those of :mod:`aead.models.scoring`. Only the prepared test manifest (and its images at each map's shape), the
 validation images (for the leak-free threshold and the fused map's statistics) and the trained models are used;
 nothing is trained here.
 """
@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from aead import metrics, uncertainty
-from aead.calibration import Calibration, calibrate
-from aead.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank, load_head, load_pretrained_bank
-from aead.data import Sample, Split, categories_of, load_split, read_split
+from aead.evaluation import metrics, uncertainty
+from aead.evaluation.calibration import Calibration, calibrate
+from aead.training.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank, load_head, load_pretrained_bank
+from aead.data.mvtec import Sample, Split, categories_of, load_split, read_split
 from aead.errors import CheckpointError, DataError
 from aead.params import (PRETRAINED, MethodName, Params, missing_components, models_of, params_record,
                          parts_of)
-from aead.scoring import RECONSTRUCTION_PARTS, SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
-from aead.training import autocast_for, setup_compute
+from aead.models.scoring import RECONSTRUCTION_PARTS, SCORE_NAMES, AnomalyMapper, Inputs, fusion_statistics, score_inputs, with_synthetic_defects
+from aead.training.loops import autocast_for, setup_compute
 
 Method = MethodName
 Log = Callable[[str], None]

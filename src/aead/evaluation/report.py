@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 from aead import io
-from aead.calibration import Calibration
-from aead.evaluation import CategoryResult
-from aead.plots import HeatmapPanels
+from aead.evaluation.calibration import Calibration
+from aead.evaluation.evaluate import CategoryResult
+from aead.evaluation.plots import HeatmapPanels
 
 
 def write_heatmaps(out_dir: Path, results: dict[str, dict[str, CategoryResult]],

@@ -16,7 +16,7 @@ Training then amplifies the last-bit differences: two runs ended 0.08 image AURO
 every CPU computation of a training process through kernels that do not depend on any of these: fp32, no oneDNN,
 PyTorch's AVX2 kernels on every CPU that has AVX2 (``ATEN_CPU_CAPABILITY``), MKL's reproducible AVX2 mode where it
 has one (``MKL_CBWR``) and one MKL thread per matrix product, NCHW tensors; and the training loops run their
-convolutions in :class:`aead.kernels.PinnedKernels`: fixed pieces, one single-threaded matrix product each, on all
+convolutions in :class:`aead.training.kernels.PinnedKernels`: fixed pieces, one single-threaded matrix product each, on all
 threads (``benchmarks/determinism.py`` measures what it costs). Nothing changes on a GPU.
 """
 
@@ -27,7 +27,7 @@ import os
 import torch
 
 from aead.errors import ParamsError
-from aead.kernels import PinnedKernels, torch_cpu_library
+from aead.training.kernels import PinnedKernels, torch_cpu_library
 
 PINNED_CAPABILITY = "AVX2"
 
@@ -53,7 +53,7 @@ def configure(deterministic: bool, device: torch.device) -> None:
 
 def training_kernels() -> PinnedKernels | None:
     """The convolution kernels pinned training runs its forward passes in (None where the numerics are not pinned):
-    ``with`` it, convolutions take :mod:`aead.kernels`' thread-count-independent pieces, on all threads."""
+    ``with`` it, convolutions take :mod:`aead.training.kernels`' thread-count-independent pieces, on all threads."""
     return PinnedKernels() if is_pinned() else None
 
 

@@ -1,0 +1,1 @@
+"""Data: the MVTec AD layout, the split and its cached arrays, the synthetic set, synthetic defects."""

@@ -1,0 +1,1 @@
+"""Deployment: exported detectors and ``aead predict``."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, intervals, the operating point, comparisons of runs, tables and figures."""

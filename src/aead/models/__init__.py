@@ -1,0 +1,1 @@
+"""Models: pure torch modules (autoencoders, backbones, memory banks, the discriminator) and the anomaly maps."""

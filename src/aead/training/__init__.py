@@ -1,0 +1,1 @@
+"""Training: the loops, checkpoints, data-parallel runs and the numerics that make them reproducible."""

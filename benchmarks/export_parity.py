@@ -1,57 +1,94 @@
-"""How far the exported detectors' scores are from the pipeline's (``aead predict``) on the test images of the
-data set in params.yaml, after ``dvc repro``.
+"""How far the exported detectors' scores are from the pipeline's evaluation, on the test images it scored.
 
-The exported graph computes in fp32; ``aead predict`` and the evaluation stages compute in the precision
-``model.precision`` picks (fp32 on CPUs with ``model.deterministic``, bf16 autocast on GPUs). In fp32 on both sides
-the differences are float rounding.
+Reads the evaluation stage's per-image scores (``plots/evaluate-<map>/scores.csv``: raw image score, normalised score
+and verdict of every test image), scores the same image files with each exported format (the ``torch.export`` program
+and the ONNX model in ONNX Runtime, both from the original files, resized in their graphs), and prints per format and
+detector the largest and median differences and the number of verdicts that differ. Run it after ``dvc repro`` in the
+project folder (or a folder laid out like one):
 
-    python benchmarks/export_parity.py                  # as the pipeline runs (model.precision)
-    python benchmarks/export_parity.py --precision fp32
+    python benchmarks/export_parity.py
+    python benchmarks/export_parity.py --models-root models --batch-size 8
+
+The evaluation computes in the precision ``model.precision`` picks (fp32 on CPUs with ``model.deterministic``); the
+exports compute in fp32, ONNX Runtime with its own kernels, so differences are float rounding. scores.csv keeps 6
+significant digits, which bounds how small a measured difference can be.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
+import csv
+import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from aead.data.mvtec import read_image, scan_category
-from aead.params import METHODS, load_params, models_of
-from aead.deploy.predict import predict
+
+def evaluation_scores(path: Path, image_score: str) -> dict[str, list[tuple[str, float, float, bool]]]:
+    """Per model/category: (image path, raw score, normalised score, verdict) rows of the evaluation."""
+    rows: dict[str, list[tuple[str, float, float, bool]]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.setdefault(f"{r['model']}/{r['category']}", []).append(
+                (r["path"], float(r[image_score]), float(r["normalized"]), r["anomalous"] == "1"))
+    return rows
+
+
+def runners(export_dir: Path, key: str, files: dict[str, str]):
+    """(format name, function from a uint8 (N, H, W, 3) batch to (score, raw)) for each exported format."""
+    if "pt2" in files:
+        import torch
+
+        program = torch.export.load(str(export_dir / files["pt2"])).module()
+
+        def run_pt2(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            with torch.inference_mode():
+                score, raw, _ = program(torch.from_numpy(batch))
+            return score.numpy(), raw.numpy()
+
+        yield "pt2", run_pt2
+    if "onnx" in files:
+        from aead.deploy.runtime import OnnxDetector
+
+        detector = OnnxDetector(export_dir, key.split("/", 1)[1], key.split("/", 1)[0])
+        yield "onnx", lambda batch: detector(batch)[:2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--models-root", type=Path, default=Path("models"))
-    parser.add_argument("--method", choices=METHODS,
-                        help="the method that was exported (default: export.method)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="default: model.precision")
+    parser.add_argument("--plots-dir", type=Path, default=Path("plots"))
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per call; images of one size only are batched (default 1)")
     args = parser.parse_args()
-    params = load_params(args.params)
-    method = args.method or params.export.method
-    if args.precision:
-        params = dataclasses.replace(params, model=dataclasses.replace(params.model, precision=args.precision))
-    print(f"exported (fp32) vs aead predict (model.precision={params.model.precision}), normalised scores:")
-    for model in models_of(method, params.evaluate):
-        for category in params.data.categories:
-            _, test = scan_category(Path(params.data.root), category)
-            paths = [Path(s.path) for s in test]
-            detector = torch.export.load(str(args.models_root / "export" / f"{model}-{category}.pt2")).module()
-            with torch.no_grad():
-                exported = np.array([float(detector(torch.from_numpy(read_image(p).copy()))[0]) for p in paths])
-            with tempfile.TemporaryDirectory() as out:  # predict also writes heatmaps and masks
-                rows = predict(paths, model, category, method, params, args.models_root, Path(out),
-                               log=lambda m: None)
-            ours = np.array([r.score for r in rows])
-            diff = np.abs(ours - exported)
-            flips = int(((ours > 0.5) != (exported > 0.5)).sum())
-            print(f"  {model:10s} {category:10s} {len(paths):4d} images: max |diff| {diff.max():.4f}, "
-                  f"median {np.median(diff):.4f}, verdicts that differ: {flips}")
+    from aead.data.images import read_image
+
+    export_dir = args.models_root / "export"
+    index = json.loads((export_dir / "index.json").read_text())
+    expected = evaluation_scores(args.plots_dir / f"evaluate-{index['method']}" / "scores.csv", index["image_score"])
+    print(f"exported '{index['method']}' detectors vs the evaluation ({index['image_score']} score), "
+          f"batch {args.batch_size}:")
+    for key, files in index["files"].items():
+        rows = expected[key]
+        images = [read_image(p) for p, *_ in rows]
+        raw_ref = np.array([r[1] for r in rows])
+        norm_ref = np.array([r[2] for r in rows])
+        verdict_ref = np.array([r[3] for r in rows])
+        threshold = index["operating_points"][key]["raw_threshold"]
+        for fmt, run in runners(export_dir, key, files):
+            raw, norm = np.empty(len(images)), np.empty(len(images))
+            for s in range(0, len(images), args.batch_size):
+                chunk = images[s : s + args.batch_size]
+                sizes = {im.shape for im in chunk}
+                outs = [run(np.stack(chunk))] if len(sizes) == 1 else [run(im[None]) for im in chunk]
+                norm[s : s + len(chunk)] = np.concatenate([o[0] for o in outs])
+                raw[s : s + len(chunk)] = np.concatenate([o[1] for o in outs])
+            d_raw = np.abs(raw - raw_ref) / np.maximum(np.abs(raw_ref), 1e-12)
+            d_norm = np.abs(norm - norm_ref)
+            flips = int(((raw >= threshold) != verdict_ref).sum())
+            print(f"  {key:24s} {fmt:5s} {len(images):4d} images: raw score relative |diff| max {d_raw.max():.2e} "
+                  f"median {np.median(d_raw):.2e}; normalised |diff| max {d_norm.max():.2e}; verdicts that differ: "
+                  f"{flips}")
 
 
 if __name__ == "__main__":

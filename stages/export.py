@@ -1,5 +1,6 @@
-"""Stage export: one self-contained detector per model and category (params: export.method, evaluate.*, data.*),
-in torch.export format: `torch.export.load(path).module()` scores a uint8 (H, W, 3) image with torch alone."""
+"""Stage export: one self-contained detector per model and category (params: export.*, evaluate.*, data.*), in each
+of export.formats: a torch.export program (`torch.export.load(path).module()` scores uint8 (N, H, W, 3) images with
+torch alone) and an ONNX model (ONNX Runtime alone: `aead predict --runtime onnxruntime`)."""
 
 import argparse
 import time
@@ -23,12 +24,13 @@ def main() -> None:
     params = load_params(args.params)
     start = time.perf_counter()
     index = export_all(params, Path(args.models_root), Path(args.out), args.method or params.export.method)
-    log(f"exported {len(index['files'])} detectors to {args.out}")
-    sizes = [{"model_category": k, "bytes": (Path(args.out) / v).stat().st_size} for k, v in index["files"].items()]
-    io.write_csv(args.plot, sizes, ["model_category", "bytes"])
+    log(f"exported {len(index['files'])} detectors as {', '.join(index['formats'])} to {args.out}")
+    sizes = [{"model_category": key, "format": fmt, "bytes": (Path(args.out) / name).stat().st_size}
+             for key, files in index["files"].items() for fmt, name in files.items()]
+    io.write_csv(args.plot, sizes, ["model_category", "format", "bytes"])
     io.write_metrics(args.metrics_dir, "export", None,
-                     {"method": index["method"], "detectors": len(sizes), "total_bytes": sum(r["bytes"] for r in sizes),
-                      "export_seconds": round(time.perf_counter() - start, 2)})
+                     {"method": index["method"], "detectors": len(index["files"]), "files": len(sizes),
+                      "total_bytes": sum(r["bytes"] for r in sizes), "export_seconds": round(time.perf_counter() - start, 2)})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ in a temporary git repository holding a copy of this project."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -69,7 +70,7 @@ def headline(project: Path, name: str) -> dict:
     return json.loads((project / "metrics" / f"{name}.json").read_text())
 
 
-def test_repro_runs_every_stage_then_nothing(project):
+def test_repro_runs_every_stage_then_nothing(project, tmp_path):
     out = run(["dvc", "repro"], project)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out
@@ -90,6 +91,18 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert op["recall_low"] <= op["recall"] <= op["recall_high"] and op["calibration_good"] >= 1
     export = details(project, "export")["method"]
     assert export == yaml.safe_load((project / "params.yaml").read_text())["export"]["method"]
+    index = json.loads((project / "models" / "export" / "index.json").read_text())
+    for files in index["files"].values():  # every detector in both formats, the ONNX model scored below
+        assert set(files) == {"pt2", "onnx"} and all((project / "models" / "export" / f).is_file()
+                                                     for f in files.values())
+    image = sorted((project / "data" / "synthetic" / "tile" / "test").rglob("*.png"))[0]
+    rows = []
+    for runtime in ("torch", "onnxruntime"):
+        run([sys.executable, "-m", "aead", "predict", str(image), "--category", "tile", "--runtime", runtime,
+             "--out", str(tmp_path / runtime)], project)
+        rows.append(next(csv.DictReader(open(tmp_path / runtime / "predictions.csv"))))
+    assert rows[0]["verdict"] == rows[1]["verdict"]
+    assert float(rows[0]["raw_score"]) == pytest.approx(float(rows[1]["raw_score"]), rel=1e-4)
     assert details(project, "head-baseline")["categories"]["tile"]["steps"] == 3
     bank = details(project, "bank-baseline")["categories"]["tile"]
     ratio = yaml.safe_load((project / "params.yaml").read_text())["memory_bank"]["coreset_ratio"]

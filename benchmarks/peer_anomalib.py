@@ -24,57 +24,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from real_data import parse_setting, run_setting  # this folder's script: the pipeline's stages per setting
+
 PEER_LAYERS = ("blocks.2", "blocks.4")
 
 
 def run_ours(work: Path, root: Path, category: str, overrides: list[str]) -> dict:
     """The pipeline's stages for one setting in ``work`` (replaced): fit seconds, peak memory, metrics."""
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(root=str(root.resolve()), categories=[category], prepared_dir="prepared")
-    params["export"]["formats"] = ["onnx"]
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, name = key.split(".")
-        if name not in params[section]:
-            raise SystemExit(f"--setting: {key} is not a key of params.yaml")
-        params[section][name] = yaml.safe_load(value)
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    seconds: dict[str, float] = {}
-    peaks: dict[str, float] = {}
-    for stage, args in (("prepare-split", ["prepare_split.py"]), ("build-pretrained-bank", ["build_pretrained_bank.py"]),
-                        ("evaluate-pretrained", ["evaluate.py", "--method", "pretrained"]),
-                        ("export", ["export.py", "--method", "pretrained"])):
-        start = time.perf_counter()
-        with open(work / "log.txt", "a") as log:
-            proc = subprocess.Popen([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=work,
-                                    stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this process's own resource use
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{stage} failed; see {work / 'log.txt'}")
-        seconds[stage] = time.perf_counter() - start
-        peaks[stage] = usage.ru_maxrss / 1e6  # kB on Linux
-    metrics = json.loads((work / "metrics" / "pretrained.json").read_text())
+    run = run_setting(work, root, category, [*overrides, "export.formats=[onnx]"], export=True)
+    fit = ("prepare-split", "build-pretrained-bank")
     bank = json.loads((work / "metrics" / "details" / "pretrained-bank.json").read_text())
-    return {"fit_seconds": seconds["prepare-split"] + seconds["build-pretrained-bank"],
-            "fit_peak_gb": max(peaks["prepare-split"], peaks["build-pretrained-bank"]),
-            "image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"],
-            "bank_size": bank["categories"][category]["bank_size"], "backbone": params["pretrained"]["backbone"]}
+    return {"fit_seconds": sum(run["seconds"][s] for s in fit), "fit_peak_gb": max(run["peak_gb"][s] for s in fit),
+            "image_auroc": run["metrics"]["image_auroc"], "pixel_auroc": run["metrics"]["pixel_auroc"],
+            "bank_size": bank["categories"][category]["bank_size"], "backbone": run["params"]["pretrained"]["backbone"]}
 
 
 def scoring_throughput(run: callable, images: list[np.ndarray], rounds: int) -> float:
@@ -205,8 +175,7 @@ def main() -> None:
         return
     rows = []
     for setting in a.setting:
-        name, _, rest = setting.partition("=")
-        overrides = [o for o in re.split(r",(?![^\[]*\])", rest) if o]  # commas inside [...] belong to a list
+        name, overrides = parse_setting(setting)
         result = run_ours(a.work / name, a.root, a.category, overrides)
         result["images_per_second"] = ours_throughput(a.work / name, a.root, a.category, a.rounds)
         print(f"pipeline ({name or 'default'})", json.dumps(result), flush=True)

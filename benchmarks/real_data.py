@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,8 +25,20 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_setting(work: Path, root: Path, category: str, overrides: list[str]) -> dict:
-    """Run the three stages in ``work`` (replaced) and return the headline metrics and stage seconds."""
+STAGES = (("prepare-split", ["prepare_split.py"]), ("build-pretrained-bank", ["build_pretrained_bank.py"]),
+          ("evaluate-pretrained", ["evaluate.py", "--method", "pretrained"]))
+EXPORT = ("export", ["export.py", "--method", "pretrained"])
+
+
+def parse_setting(text: str) -> tuple[str, list[str]]:
+    """``NAME=KEY=VALUE[,KEY=VALUE…]`` -> (NAME, ["KEY=VALUE", …]); a comma inside ``[…]`` belongs to a list value."""
+    name, _, rest = text.partition("=")
+    return name, [o for o in re.split(r",(?![^\[]*\])", rest) if o]
+
+
+def run_setting(work: Path, root: Path, category: str, overrides: list[str], export: bool = False) -> dict:
+    """Run the three stages (and with ``export`` the export stage) in ``work`` (replaced): the headline metrics, each
+    stage's seconds and its process's peak memory in GB."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -37,15 +51,19 @@ def run_setting(work: Path, root: Path, category: str, overrides: list[str]) -> 
             raise SystemExit(f"--setting: {key} is not a key of params.yaml")
         params[section][name] = yaml.safe_load(value)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    seconds = {}
-    for stage, args in (("prepare-split", ["prepare_split.py"]), ("build-pretrained-bank", ["build_pretrained_bank.py"]),
-                        ("evaluate-pretrained", ["evaluate.py", "--method", "pretrained"])):
+    seconds, peak_gb = {}, {}
+    for stage, args in (*STAGES, EXPORT) if export else STAGES:
         start = time.perf_counter()
         with open(work / "log.txt", "a") as log:
-            subprocess.run([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=work, check=True,
-                           stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=work,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # this process's own resource use
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{stage} failed; see {work / 'log.txt'}")
         seconds[stage] = time.perf_counter() - start
-    return {"metrics": json.loads((work / "metrics" / "pretrained.json").read_text()), "seconds": seconds}
+        peak_gb[stage] = usage.ru_maxrss / 1e6  # kB on Linux
+    return {"metrics": json.loads((work / "metrics" / "pretrained.json").read_text()), "seconds": seconds,
+            "peak_gb": peak_gb, "params": params}
 
 
 def cell(m: dict, key: str) -> str:
@@ -65,8 +83,8 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for setting in a.setting:
-        name, _, rest = setting.partition("=")
-        result = run_setting(a.work / name, a.root, a.category, [o for o in rest.split(",") if o])
+        name, overrides = parse_setting(setting)
+        result = run_setting(a.work / name, a.root, a.category, overrides)
         print(name, json.dumps(result), flush=True)
         rows.append((name, result))
     keys = ("image_auroc", "pixel_auroc", "aupro", "false_alarm_rate", "recall")

@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aead.data.images import IMAGE_EXTENSIONS, read_image
+from aead.data.images import read_image
 from aead.deploy.export import build_detector
+from aead.deploy.outputs import expand_inputs
 from aead.deploy.predict import recorded_params
 from aead.deploy.runtime import OnnxDetector, read_index
 
 
 def load_images(folder: Path, count: int) -> np.ndarray:
-    """``count`` images of the first size found under ``folder`` (recursively), as one uint8 (N, H, W, 3) array."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    images = [read_image(p) for p in paths]
+    """``count`` images of the first size found under ``folder`` (as ``aead predict`` finds them), as one uint8
+    (N, H, W, 3) array; repeated where fewer have that size."""
+    images = [read_image(found.path) for found in expand_inputs([folder])]
     same = [im for im in images if im.shape == images[0].shape][:count]
     if len(same) < count:
         same = (same * (count // len(same) + 1))[:count]

@@ -51,7 +51,7 @@ def open_header(path: Path) -> Image.Image:
 
 
 def open_image(path: Path) -> Image.Image:
-    """The fully decoded image (see :func:`_open_header` for the errors)."""
+    """The fully decoded image (see :func:`open_header` for the errors)."""
     img = open_header(path)
     try:
         img.load()

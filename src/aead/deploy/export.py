@@ -75,12 +75,11 @@ def build_detector(params: Params, models_root: Path, model: str, category: str,
 
 def operating_point_record(cal: Calibration) -> dict[str, Any]:
     """The threshold an exported detector applies (raw score; the normalised score's is 0.5), the false-alarm rate it
-    guarantees (see :mod:`aead.evaluation.calibration`), the pixel threshold ``aead predict`` draws its defect masks
-    with (the same raw value, applied to the anomaly map after a bilinear resize to the input image's size), and the
-    raw scores the normalised score maps to 0 and 1 (``normalize_low``, ``normalize_high``)."""
+    guarantees (see :mod:`aead.evaluation.calibration`), and the pixel threshold ``aead predict`` draws its defect
+    masks with (the same raw value, applied to the anomaly map after a bilinear resize to the input image's size). The
+    whole calibration, normalisation range included, is the index's ``calibrations`` entry."""
     return {"raw_threshold": cal.threshold, "normalized_threshold": 0.5, "raw_pixel_threshold": cal.threshold,
-            **cal.guarantee_record(), "bound_confidence": cal.bound_confidence, "normalize_low": cal.low,
-            "normalize_high": cal.high}
+            **cal.guarantee_record(), "bound_confidence": cal.bound_confidence}
 
 
 def example_images(side: int) -> Tensor:

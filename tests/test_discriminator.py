@@ -102,6 +102,27 @@ def test_a_bank_with_a_discriminator_round_trips(memory, tmp_path):
         assert torch.equal(loaded.distance_map(x), memory.distance_map(x))
 
 
+def test_a_bank_searched_in_two_stages_round_trips(memory, tmp_path):
+    path = tmp_path / "bank.pt"
+    memory.index_bank(16, 4)
+    try:
+        save_pretrained_bank(path, memory, {"backbone": "efficientnet_lite0", "layers": list(memory.layers),
+                                            "neighbourhood": 3, "shape": [48, 64]})
+        loaded, meta = load_pretrained_bank(path)
+        assert (meta["search_dim"], meta["search_candidates"]) == (16, 4) and loaded.search_candidates == 4
+        assert torch.equal(loaded.bank_projected, memory.bank_projected)
+        x = torch.rand(1, 3, 48, 64, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            two_stage = loaded.distance_map(x)
+            assert torch.equal(two_stage, memory.distance_map(x))
+            memory.index_bank(16, 0)
+            assert memory.bank_projected.shape == (64, 0)
+            exact = memory.distance_map(x)
+        assert torch.all(two_stage >= exact - 1e-4) and not torch.equal(two_stage, exact)
+    finally:
+        memory.index_bank(16, 0)
+
+
 def test_the_stage_names_the_missing_validation_images(odd_dataset, raw_params, tmp_path):
     raw = copy.deepcopy(raw_params)
     raw["data"].update(root=str(odd_dataset), categories=["widget"], prepared_dir=str(tmp_path / "prepared"))

@@ -122,6 +122,40 @@ def test_exported_detector_carries_the_memory_banks_border_padding(pipeline, tmp
         assert not torch.allclose(a[2], c[2], atol=1e-3)
 
 
+def test_exported_two_stage_bank_search_matches_pytorch(pipeline, tmp_path):  # noqa: F811
+    """A pretrained bank indexed for the two-stage search (pretrained.search_candidates) keeps it in its checkpoint;
+    the ONNX model ranks the same candidates as PyTorch, and the maps differ from the exact search's."""
+    import shutil
+
+    from aead.params import load_params
+    from aead.training.checkpoint import load_pretrained_bank, save_pretrained_bank
+
+    work, _, root = pipeline
+    params = only(load_params(work / "params.yaml"), "onnx")
+    models = tmp_path / "models"
+    shutil.copytree(work / "models", models)
+    path = models / "pretrained" / "widget.pt"
+    memory, meta = load_pretrained_bank(path)
+    assert memory.search_candidates == 0 and memory.bank.shape[0] > 4
+    memory.index_bank(1, 1)  # the coarsest search, so that it differs from the exact one
+    save_pretrained_bank(path, memory, meta)
+    index = export_all(params, models, tmp_path / "export", "pretrained")
+    two_stage = build_detector(params, models, "pretrained", "widget", "pretrained")
+    exact = build_detector(params, work / "models", "pretrained", "widget", "pretrained")
+    assert two_stage.mapper.pretrained.search_candidates == 1
+    session = ort.InferenceSession(str(tmp_path / "export" / index["files"]["pretrained/widget"]["onnx"]),
+                                   providers=["CPUExecutionProvider"])
+    images = real_images(root)
+    batch = torch.cat([as_batch(images[-1]), as_batch(images[-1]).flip(1)])
+    for x in [as_batch(p) for p in images] + [batch]:
+        with torch.no_grad():
+            a, b = two_stage(x), exact(x)
+        c = session.run(None, {"images": x.numpy()})
+        np.testing.assert_allclose(c[1], a[1].numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(c[2], a[2].numpy(), rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(a[2], b[2], atol=1e-3)
+
+
 def test_exported_detectors_run_without_the_package_and_onnx_without_torch(pipeline, tmp_path):  # noqa: F811
     """The README's two snippets: the .pt2 file with torch alone, the .onnx file with onnxruntime, numpy and Pillow
     alone (importing torch or this package fails), with the index's threshold; both give the same verdict."""

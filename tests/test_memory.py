@@ -12,7 +12,8 @@ from aead.training.checkpoint import load_encoder_bank, save_encoder_bank
 from aead.errors import CheckpointError
 from aead.models.memory_bank import build_encoder_bank, coreset_size, greedy_coreset, select_coreset
 from aead.models.scoring import SCALE_FLOOR, mean_and_peak_scale
-from aead.models.torch_model import PatchMemory, build_model, nearest_distance, patch_features
+from aead.models.torch_model import (PatchMemory, _candidate_rows, build_model, candidate_distance, nearest_distance,
+                                     patch_features, principal_axes)
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -141,6 +142,52 @@ def test_nearest_distance_in_chunks_equals_brute_force(query_chunk, bank_chunk):
     queries, bank = torch.randn(37, 6, generator=gen), torch.randn(23, 6, generator=gen)
     brute = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
     torch.testing.assert_close(nearest_distance(queries, bank, query_chunk, bank_chunk), brute, rtol=1e-5, atol=1e-5)
+
+
+def clustered(n: int, dims: int, seed: int) -> torch.Tensor:
+    """Points around 20 centres whose spread falls off over the dimensions, as patch features' variance does."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(20, dims, generator=torch.Generator().manual_seed(99)) * 3
+    spread = 0.75 ** torch.arange(dims, dtype=torch.float32)
+    return centres[torch.randint(20, (n,), generator=gen)] + torch.randn(n, dims, generator=gen) * spread
+
+
+def test_principal_axes_are_orthonormal_ordered_and_sign_fixed():
+    bank = clustered(600, 24, seed=0)
+    mean, axes = principal_axes(bank, 8)
+    assert axes.shape == (24, 8)
+    torch.testing.assert_close(axes.T @ axes, torch.eye(8), atol=1e-5, rtol=0)
+    variance = ((bank - mean) @ axes).var(0)
+    assert torch.all(variance[:-1] >= variance[1:])
+    assert torch.all(axes.gather(0, axes.abs().argmax(0, keepdim=True)) > 0)
+    flipped_mean, flipped = principal_axes(bank[torch.randperm(600, generator=torch.Generator().manual_seed(1))], 8)
+    torch.testing.assert_close(flipped, axes, atol=1e-4, rtol=0)
+
+
+def test_candidate_distance_is_a_true_distance_and_finds_the_nearest_patch():
+    bank, queries = clustered(3000, 32, seed=1), clustered(2000, 32, seed=2)
+    mean, axes = principal_axes(bank, 8)
+    projected = (bank - mean) @ axes
+    exact = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    approx = candidate_distance(queries, bank, mean, axes, projected, candidates=16, query_chunk=300)
+    assert torch.all(approx >= exact * (1 - 1e-5))  # never nearer than the nearest stored patch
+    found = ((approx - exact).abs() <= 1e-5 * exact).float().mean().item()
+    assert found > 0.95
+    fewer = candidate_distance(queries, bank, mean, axes, projected, candidates=1)
+    assert ((fewer - exact).abs() <= 1e-5 * exact).float().mean().item() < found
+    every = candidate_distance(queries, bank, mean, axes, projected, candidates=5000)
+    torch.testing.assert_close(every, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_candidate_search_in_bank_chunks_keeps_the_same_candidates():
+    """The exported graph ranks the bank in chunks and keeps each chunk's best: the same distances as one pass."""
+    bank, queries = clustered(1000, 16, seed=3), clustered(200, 16, seed=4)
+    mean, axes = principal_axes(bank, 4)
+    projected = (bank - mean) @ axes
+    square = (projected * projected).sum(1)
+    whole = _candidate_rows(queries, bank, mean, axes, projected, square, 8, 1000)
+    for chunk in (999, 128, 7):
+        assert torch.equal(_candidate_rows(queries, bank, mean, axes, projected, square, 8, chunk), whole)
 
 
 def test_encoder_bank_round_trip(tmp_path):

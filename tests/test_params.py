@@ -48,6 +48,8 @@ def test_committed_params_are_valid(repo_root):
         ("memory_bank", "border_padding", -4, "memory_bank.border_padding: expected a whole number >= 0"),
         ("memory_bank", "border_padding", 6, "memory_bank.border_padding: expected a multiple of 4"),
         ("memory_bank", "border_padding", 64, "memory_bank.border_padding: expected a multiple of 4"),
+        ("pretrained", "search_candidates", -1, "pretrained.search_candidates: expected a whole number >= 0"),
+        ("pretrained", "search_dim", 0, "pretrained.search_dim: expected a whole number >= 1"),
         ("export", "method", "mean", "export.method: expected one of"),
         ("export", "formats", [], "export.formats: expected one or more of pt2, onnx"),
         ("export", "formats", ["tflite"], "expected one of 'pt2', 'onnx', got 'tflite'"),

@@ -202,6 +202,8 @@ class PretrainedParams:
     coreset_ratio: float
     coreset_method: CoresetMethod
     max_bank_size: int
+    search_dim: int
+    search_candidates: int
     smooth_sigma: float
     batch_size: int
     seed: int
@@ -233,6 +235,8 @@ class PretrainedParams:
             raise ParamsError(f"pretrained.neighbourhood: expected an odd whole number >= 1 (patches averaged over "
                               f"k x k around each position), got {self.neighbourhood}")
         _check_coreset("pretrained", self.coreset_ratio, self.max_bank_size, allow_zero=False)
+        _at_least("pretrained.search_dim", self.search_dim, 1)
+        _at_least("pretrained.search_candidates", self.search_candidates, 0)
         if self.smooth_sigma < 0:
             raise ParamsError(f"pretrained.smooth_sigma: expected a number >= 0, got {self.smooth_sigma!r}")
         _at_least("pretrained.batch_size", self.batch_size, 1)

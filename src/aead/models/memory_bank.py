@@ -5,8 +5,10 @@ Every training patch's features are collected, then a coreset of them is kept: `
 most ``max_bank_size``. The ``greedy`` coreset is k-center selection (each new patch is the one farthest from those
 already chosen), measured on a seeded random projection to :data:`PROJECTION_DIM` dimensions as PatchCore does; it
 costs O(N x k) for N patches and k chosen, so the bound on k keeps it linear in N. ``random`` draws the patches
-uniformly (O(N)). The size bound also keeps the exact nearest-neighbour search of the scoring linear in the number of
-test images (:func:`aead.models.torch_model.nearest_distance`).
+uniformly (O(N)). The size bound also keeps the nearest-neighbour search of the scoring linear in the number of
+test images. The pretrained bank is then indexed for a two-stage search (``pretrained.search_candidates`` candidates
+ranked in its ``pretrained.search_dim`` principal dimensions, :func:`aead.models.torch_model.candidate_distance`), or
+searched exactly (:func:`aead.models.torch_model.nearest_distance`).
 
 The pretrained bank's stage also trains SimpleNet's feature discriminator on all the training patches
 (``pretrained.discriminator_*``, :func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both
@@ -258,6 +260,7 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
             memory, stats, fitted = fill_pretrained_bank(empty, images, pre.coreset_method, pre.coreset_ratio,
                                                          pre.max_bank_size, pre.seed, device, pre.batch_size, log=log,
                                                          tag=tag, fit_discriminator=fit)
+            memory.index_bank(pre.search_dim, pre.search_candidates)
             record: dict[str, Any] = {"shape": list(shape), **stats.to_dict()}
             if fitted is not None:
                 start = time.perf_counter()

@@ -211,6 +211,57 @@ def _nearest_rows(a: Tensor, bank: Tensor, bank_sq: Tensor, bank_chunk: int) -> 
     return (a - bank[best_row]).norm(dim=1)
 
 
+def principal_axes(bank: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """The mean (C,) of the rows of ``bank`` (M, C) and their ``dim`` principal axes as the columns of a (C, dim)
+    projection, largest variance first: computed in float64 (eigenvectors of the covariance), each axis's sign fixed
+    so that its largest component is positive, returned in float32."""
+    x = bank.double()
+    mean = x.mean(0)
+    centred = x - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred / max(1, x.shape[0] - 1))
+    axes = vectors[:, -dim:].flip(1)
+    signs = torch.sign(axes.gather(0, axes.abs().argmax(0, keepdim=True)))
+    return mean.float(), (axes * signs).float()
+
+
+def candidate_distance(queries: Tensor, bank: Tensor, mean: Tensor, projection: Tensor, bank_projected: Tensor,
+                       candidates: int, query_chunk: int = 512) -> Tensor:
+    """(Q,): for each row of ``queries`` (Q, C), the exact Euclidean distance to the nearest of its ``candidates``
+    candidate rows of ``bank`` (M, C): the rows nearest to it in the bank's principal subspace (``mean``,
+    ``projection`` (C, d), ``bank_projected`` = (bank - mean) @ projection, from :func:`principal_axes`). A two-stage
+    search: ranking the bank in d dimensions costs d/C of the exact search, and re-ranking the candidates in all C
+    dimensions makes every distance a true distance to a stored patch, the nearest one unless the subspace ranked it
+    below ``candidates`` others (then a slightly larger one). In an exported graph all queries are ranked together,
+    :data:`EXPORT_BANK_CHUNK` bank rows at a time, keeping the best ``candidates`` of each part: the same candidates."""
+    with torch.autocast(queries.device.type, enabled=False):
+        queries, bank = queries.float(), bank.float()
+        k = min(candidates, bank.shape[0])
+        projected_sq = (bank_projected * bank_projected).sum(1)
+        if torch.compiler.is_exporting():
+            return _candidate_rows(queries, bank, mean, projection, bank_projected, projected_sq, k, EXPORT_BANK_CHUNK)
+        return torch.cat([_candidate_rows(queries[s : s + query_chunk], bank, mean, projection, bank_projected,
+                                          projected_sq, k, bank.shape[0])
+                          for s in range(0, queries.shape[0], query_chunk)])
+
+
+def _candidate_rows(a: Tensor, bank: Tensor, mean: Tensor, projection: Tensor, bank_projected: Tensor,
+                    projected_sq: Tensor, k: int, bank_chunk: int) -> Tensor:
+    """:func:`candidate_distance` of the rows of ``a``, ranking ``bank_chunk`` bank rows at a time."""
+    ap = (a - mean) @ projection
+    values, rows = [], []
+    for b in range(0, bank.shape[0], bank_chunk):
+        ranking = torch.addmm(projected_sq[b : b + bank_chunk][None, :], ap, bank_projected[b : b + bank_chunk].T,
+                              alpha=-2.0)
+        value, row = ranking.topk(min(k, ranking.shape[1]), dim=1, largest=False, sorted=False)
+        values.append(value)
+        rows.append(row + b)
+    row = rows[0]
+    if len(rows) > 1:
+        pick = torch.cat(values, 1).topk(k, dim=1, largest=False, sorted=False).indices
+        row = torch.cat(rows, 1).gather(1, pick)
+    return (a[:, None, :] - bank[row]).norm(dim=2).min(1).values
+
+
 class PatchMemory(nn.Module):
     """PatchCore's memory on this project's encoder: defect-free patch features (``bank``, (M, C)) on a
     ``feature_size`` grid, and the nearest-patch distance map of new images."""
@@ -275,7 +326,10 @@ class PretrainedPatchMemory(nn.Module):
     ``padding``: the image is first extended by that many mirrored pixels on each side (a multiple of the deepest
     layer's stride) and the features are cropped back to the image, so that patches near the border are described
     by mirrored surroundings instead of by the backbone's zero padding (which made the corners of defect-free texture
-    images score highest)."""
+    images score highest).
+
+    The bank is searched exactly (:func:`nearest_distance`) until :meth:`index_bank` gives it a two-stage search
+    (:func:`candidate_distance`: candidates ranked in the bank's principal subspace, re-ranked in all channels)."""
 
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], neighbourhood: int, bank_size: int,
                  channels: int, padding: int = 0, discriminator: FeatureDiscriminator | None = None) -> None:
@@ -292,6 +346,33 @@ class PretrainedPatchMemory(nn.Module):
         self.register_buffer("bank", torch.zeros(bank_size, channels))
         self.discriminator = discriminator
         self.register_buffer("part_scales", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        self.search_candidates = 0
+        self.register_buffer("search_mean", torch.zeros(channels))
+        self.register_buffer("search_projection", torch.zeros(channels, 0))
+        self.register_buffer("bank_projected", torch.zeros(bank_size, 0))
+
+    def index_bank(self, dim: int, candidates: int) -> None:
+        """Search the bank in two stages from now on (:func:`candidate_distance`): ``candidates`` candidates ranked in
+        the bank's ``dim`` principal dimensions; ``candidates`` 0 (or ``dim`` not below the channels): exactly."""
+        channels = self.bank.shape[1]
+        if candidates == 0 or dim >= channels:
+            self.search_candidates = 0
+            self.search_mean = torch.zeros_like(self.search_mean)
+            self.search_projection = self.bank.new_zeros(channels, 0)
+            self.bank_projected = self.bank.new_zeros(self.bank.shape[0], 0)
+            return
+        mean, projection = principal_axes(self.bank, dim)
+        self.search_candidates = candidates
+        self.search_mean, self.search_projection = mean.to(self.bank), projection.to(self.bank)
+        self.bank_projected = (self.bank - self.search_mean) @ self.search_projection
+
+    def nearest(self, queries: Tensor) -> Tensor:
+        """(Q,): each row of ``queries`` (Q, C)'s distance to its nearest stored patch, by the bank's search (exact,
+        or in two stages after :meth:`index_bank`)."""
+        if self.search_candidates:
+            return candidate_distance(queries, self.bank, self.search_mean, self.search_projection,
+                                      self.bank_projected, self.search_candidates)
+        return nearest_distance(queries, self.bank)
 
     def features(self, x: Tensor) -> Tensor:
         """(N, C, h, w) patch features of float images ``x`` (N, 3, H, W) in [0, 1], on the finest layer's grid."""
@@ -317,7 +398,7 @@ class PretrainedPatchMemory(nn.Module):
         n, _, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
             f = self.features(x.float())
-            grids = [nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), self.bank).reshape(
+            grids = [self.nearest(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])).reshape(
                 n, 1, f.shape[-2], f.shape[-1])]
             if self.discriminator is not None:
                 grids.append(self.discriminator(f))

@@ -140,8 +140,12 @@ def save_pretrained_bank(path: str | Path, memory: PretrainedPatchMemory, meta: 
     the working ``shape`` (height, width)."""
     disc = memory.discriminator
     meta = {**meta, "bank_size": int(memory.bank.shape[0]), "channels": int(memory.bank.shape[1]),
-            "border_padding": memory.padding, "discriminator": 0 if disc is None else int(disc.hidden.out_features)}
+            "border_padding": memory.padding, "discriminator": 0 if disc is None else int(disc.hidden.out_features),
+            "search_dim": int(memory.search_projection.shape[1]), "search_candidates": memory.search_candidates}
     state = {"bank": memory.bank}
+    if memory.search_candidates:
+        state.update({"search_mean": memory.search_mean, "search_projection": memory.search_projection,
+                      "bank_projected": memory.bank_projected})
     if disc is not None:
         state.update({"part_scales": memory.part_scales,
                       **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}})
@@ -163,6 +167,11 @@ def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
     state = raw["state_dict"]
     try:
         memory.bank.copy_(state["bank"])
+        if int(meta.get("search_candidates", 0)):
+            memory.search_candidates = int(meta["search_candidates"])
+            memory.search_mean = state["search_mean"].float()
+            memory.search_projection = state["search_projection"].float()
+            memory.bank_projected = state["bank_projected"].float()
         if disc is not None:
             memory.part_scales.copy_(state["part_scales"])
             disc.load_state_dict({k.removeprefix("discriminator."): v for k, v in state.items()

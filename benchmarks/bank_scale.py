@@ -68,9 +68,9 @@ def write_manifests(folder: Path, train: list[Path], val: list[Path]) -> None:
 
 def memory_bound(bank: int, chunk_images: int, per_image: int, sample: int, image_side: int) -> float:
     """Bytes one process holds for the bank besides the interpreter, torch and the backbone: its buffer (bank + one
-    chunk of patches), the greedy selection's temporaries over that buffer, the discriminator's sample (gathered on
-    the main process: its own share, every process's padded share and their concatenation, at most 3 samples), and a
-    chunk of decoded images."""
+    chunk of patches), the greedy selection's temporaries over that buffer, three times the discriminator's sample (on
+    the main process, the gather holds its own share, every process's padded share and their concatenation; the
+    discriminator's float64 mean and deviation hold the sample and a float64 copy), and a chunk of decoded images."""
     buffer = bank + chunk_images * per_image
     return 4.0 * (buffer * (CHANNELS + GREEDY_FLOATS) + 3 * sample * CHANNELS) + chunk_images * image_side ** 2 * 3
 

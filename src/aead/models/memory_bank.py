@@ -12,7 +12,7 @@ The pretrained bank is built as a stream (:func:`stream_bank`): the training ima
 at a time, and each chunk's patches are merged into the running bank by a k-center coreset of both (merge and reduce),
 so memory stays bounded by the bank, one chunk and the discriminator's sample, whatever the number of images. Under
 ``torchrun`` each process streams its own share of the images and the main process keeps a k-center coreset of the
-union of their banks (coresets compose: a coreset of coresets covers the union within the sum of their radii). With one
+union of their banks (coresets compose: it covers every patch within the largest share's radius plus its own). With one
 process and one chunk the bank is exactly the one-pass coreset of all the patches.
 
 The pretrained bank's stage also trains SimpleNet's feature discriminator on a seeded uniform sample of the training
@@ -194,7 +194,10 @@ class CoresetStream:
             capacity = self.bank_size + self.chunk_images * per_image
         else:
             self.bank_pick = uniform_positions(total, self.bank_size, self.seed)
-            capacity = hi - lo if self.bank_pick is None else int(np.searchsorted(self.bank_pick, [lo, hi]) @ [-1, 1])
+            capacity = hi - lo
+            if self.bank_pick is not None:
+                first, stop = np.searchsorted(self.bank_pick, [lo, hi])
+                capacity = int(stop - first)
         drawn = uniform_positions(total, total if self.sample_size is None else self.sample_size, self.seed + 1)
         self.sample_pick = None if drawn is None else drawn[np.searchsorted(drawn, lo):np.searchsorted(drawn, hi)]
         self.buffer = torch.empty(capacity, channels)

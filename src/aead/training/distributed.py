@@ -82,7 +82,7 @@ def _collective_device() -> torch.device:
 
 def gather_rows(rows: torch.Tensor, ctx: DistContext) -> torch.Tensor | None:
     """The rows (N_r, C) of every process, concatenated in rank order on the CPU of the main process; None on the
-    others; ``rows`` itself in a single process. Every process must hold at least one row (the width is not sent)."""
+    others; ``rows`` itself in a single process. Every process's rows must have the same width C."""
     if not ctx.enabled:
         return rows
     device = _collective_device()

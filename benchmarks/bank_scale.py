@@ -5,7 +5,8 @@ A pool of synthetic defect-free images (``aead.data.synthetic``, category bottle
 training images as the largest run needs (each a pool image shifted by a few pixels and, every other round, mirrored),
 written as PNG files with the manifests prepare-split would write. Then, for each number of images and of processes,
 the real stage script ``stages/build_pretrained_bank.py`` runs in a fresh process tree (``python`` or ``python -m
-torch.distributed.run --standalone --nproc-per-node N``), and the table gives its wall time, the peak resident memory of
+torch.distributed.run --standalone --nproc-per-node N``), each process with ``--threads`` threads (1: torchrun's
+default, so that N processes use N cores), and the table gives its wall time, the peak resident memory of
 its largest process (``wait4``'s ``ru_maxrss``, which is the largest over the tree), the patches, the bank and the
 build's own seconds. ``--one-chunk N…`` adds, for one process and N images, the build that holds every patch at once
 (``chunk_images`` and ``discriminator_patches`` at least the data), as the stage did before streaming.
@@ -75,15 +76,16 @@ def memory_bound(bank: int, chunk_images: int, per_image: int, sample: int, imag
     return 4.0 * (buffer * (CHANNELS + GREEDY_FLOATS) + 3 * sample * CHANNELS) + chunk_images * image_side ** 2 * 3
 
 
-def run(work: Path, params: dict, processes: int) -> dict:
-    """The bank stage in ``work`` under ``processes`` processes: seconds, peak GB of its largest process, metrics."""
+def run(work: Path, params: dict, processes: int, threads: int) -> dict:
+    """The bank stage in ``work`` under ``processes`` processes of ``threads`` threads each: seconds, peak GB of its
+    largest process, metrics."""
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     start = time.perf_counter()
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen([*launcher, str(REPO / "stages" / "build_pretrained_bank.py")], cwd=work, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"the bank stage failed; see {work / 'log.txt'}")
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--max-bank-size", type=int, default=4096)
     ap.add_argument("--one-chunk", type=int, nargs="*", default=[],
                     help="numbers of images also built holding every patch at once (one process)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of each process (OMP_NUM_THREADS; torchrun's default is 1), so that N processes use "
+                         "N cores")
     ap.add_argument("--tiny", action="store_true", help="a few tiny images, chunks of 8, a 5-step discriminator")
     a = ap.parse_args()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -122,7 +127,7 @@ def main() -> None:
         write_manifests(work / "prepared", train[:n], val)
         setting = {**params, "pretrained": {**pre, **({"chunk_images": n, "discriminator_patches": n * per_image}
                                                       if whole else {})}}
-        result = run(work, setting, processes)
+        result = run(work, setting, processes, a.threads)
         bank = min(round(pre["coreset_ratio"] * n * per_image), a.max_bank_size)
         chunk = setting["pretrained"]["chunk_images"]
         bound = memory_bound(bank, min(chunk, -(-n // processes)), per_image,
@@ -132,7 +137,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     print(f"\nLite0 at {a.image_size} px ({per_image} patches per image, {CHANNELS} channels), bank of at most "
-          f"{a.max_bank_size}, discriminator {pre['discriminator_steps']} steps; peak: the largest process")
+          f"{a.max_bank_size}, discriminator {pre['discriminator_steps']} steps, {a.threads} thread(s) per process; "
+          "peak: the largest process")
     print("| images | processes | held at once | patches | bank | wall s | build s | peak GB | bound beyond the "
           "runtime GB |")
     print("|---|---|---|---|---|---|---|---|---|")

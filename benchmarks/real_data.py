@@ -2,7 +2,9 @@
 run per setting, side by side: prepare-split, build-pretrained-bank and evaluate-pretrained as stage scripts in a
 scratch folder (the code and params ``dvc exp run -S data.root=… -S 'data.categories=[…]'`` would run), then one
 table row per setting: image AUROC, pixel AUROC and AUPRO with their 95 % intervals, the operating point's
-false-alarm rate and recall, and the seconds of the bank stage and the evaluation.
+false-alarm rate and recall, and the seconds of the bank stage and the evaluation; then each setting against the first
+with paired bootstrap intervals (as ``aead compare``). The bank stage runs under
+``pretrained.launcher`` (``torchrun …`` as ``python -m torch.distributed.run …``), the others under this interpreter.
 
     python benchmarks/real_data.py --root ../shared/data/kolektorsdd_256 --category commutator \\
         --work /tmp/real --setting default= --setting no-discriminator=pretrained.discriminator_steps=0
@@ -54,16 +56,42 @@ def run_setting(work: Path, root: Path, category: str, overrides: list[str], exp
     seconds, peak_gb = {}, {}
     for stage, args in (*STAGES, EXPORT) if export else STAGES:
         start = time.perf_counter()
+        launcher = bank_launcher(params) if stage == "build-pretrained-bank" else [sys.executable]
         with open(work / "log.txt", "a") as log:
-            proc = subprocess.Popen([sys.executable, str(REPO / "stages" / args[0]), *args[1:]], cwd=work,
+            proc = subprocess.Popen([*launcher, str(REPO / "stages" / args[0]), *args[1:]], cwd=work,
                                     stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(proc.pid, 0)  # this process's own resource use
+            _, status, usage = os.wait4(proc.pid, 0)  # its resource use: the largest of its processes under torchrun
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{stage} failed; see {work / 'log.txt'}")
         seconds[stage] = time.perf_counter() - start
         peak_gb[stage] = usage.ru_maxrss / 1e6  # kB on Linux
     return {"metrics": json.loads((work / "metrics" / "pretrained.json").read_text()), "seconds": seconds,
             "peak_gb": peak_gb, "params": params}
+
+
+def bank_launcher(params: dict) -> list[str]:
+    """The bank stage's launcher (``pretrained.launcher``) with this interpreter: ``torchrun ARGS`` becomes
+    ``python -m torch.distributed.run ARGS``."""
+    words = str(params["pretrained"].get("launcher", "python")).split()
+    return [sys.executable, "-m", "torch.distributed.run", *words[1:]] if words[0] == "torchrun" else [sys.executable]
+
+
+def paired(first: Path, other: Path) -> str:
+    """``aead compare``'s table for the pretrained map of two settings' work folders (the same test images, so the
+    same bootstrap resamples): B - A with its paired interval."""
+    import numpy as np
+
+    from aead.evaluation.comparison import Run, compare_runs, format_comparison, resample_count
+
+    runs = []
+    for folder in (first, other):
+        run = Run(folder.name, folder.name)
+        run.details["pretrained"] = json.loads((folder / "metrics" / "details" / "evaluate-pretrained.json").read_text())
+        with np.load(folder / "metrics" / "resamples" / "evaluate-pretrained.npz") as npz:
+            run.resamples["pretrained"] = {k: npz[k] for k in npz.files}
+        runs.append(run)
+    a, b = runs
+    return format_comparison(a, b, compare_runs(a, b, 0.95, ("pretrained",)), 0.95, resample_count(a))
 
 
 def cell(m: dict, key: str) -> str:
@@ -88,12 +116,14 @@ def main() -> None:
         print(name, json.dumps(result), flush=True)
         rows.append((name, result))
     keys = ("image_auroc", "pixel_auroc", "aupro", "false_alarm_rate", "recall")
-    print(f"| setting | {' | '.join(keys)} | bank s | evaluation s |")
-    print("|---|" + "---|" * (len(keys) + 2))
+    print(f"| setting | {' | '.join(keys)} | bank s | bank peak GB | evaluation s |")
+    print("|---|" + "---|" * (len(keys) + 3))
     for name, r in rows:
         m, s = r["metrics"], r["seconds"]
         print(f"| {name} | {' | '.join(cell(m, k) for k in keys)} | {s['build-pretrained-bank']:.0f} | "
-              f"{s['evaluate-pretrained']:.0f} |")
+              f"{r['peak_gb']['build-pretrained-bank']:.2f} | {s['evaluate-pretrained']:.0f} |")
+    for name, _ in rows[1:]:
+        print("\n" + paired(a.work / rows[0][0], a.work / name))
 
 
 if __name__ == "__main__":

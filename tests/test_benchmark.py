@@ -84,3 +84,26 @@ def test_pipeline_benchmark_finds_every_stage_details_and_counts_totals_once(rep
     assert bench.recorded_seconds(details) == 10.0
     nested = {"m": {"categories": {"a": {"scoring_seconds": 1.0, "metrics_seconds": 0.5}, "b": {"scoring_seconds": 2.0}}}}
     assert bench.recorded_seconds(nested) == 3.5 and bench.recorded_seconds(nested, bench.NARROW) == 3.0
+
+
+def test_bank_scale_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/bank_scale.py", "--tiny", "--work", str(tmp_path)],
+                          cwd=repo_root, check=True, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["images"], r["processes"], r["held"]) for r in rows] == [
+        (12, 1, "chunks of 8"), (12, 2, "chunks of 8"), (40, 1, "chunks of 8"), (40, 2, "chunks of 8"),
+        (40, 1, "all patches")]
+    assert all(r["peak_gb"] > 0 and r["bound_gb"] > 0 for r in rows)
+    assert all(r["patches"] == 40 * 16 and r["bank_size"] == 64 for r in rows[2:])
+    assert len(list((tmp_path / "images").glob("*.png"))) == 40 + 20
+
+
+def test_real_data_benchmark_starts_the_bank_stage_with_its_launcher(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_data_bench", repo_root / "benchmarks" / "real_data.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.bank_launcher({"pretrained": {"launcher": "python3"}}) == [sys.executable]
+    assert bench.bank_launcher({"pretrained": {"launcher": "torchrun --standalone --nproc-per-node 2"}}) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -37,6 +37,9 @@ def test_committed_params_are_valid(repo_root):
         ("baseline", "base_channels", 0, "baseline.base_channels"),
         ("model", "launcher", "bash -c rm", "model.launcher: expected a Python interpreter"),
         ("model", "launcher", "", "model.launcher"),
+        ("pretrained", "launcher", "mpirun -n 2", "pretrained.launcher: expected a Python interpreter"),
+        ("pretrained", "chunk_images", 0, "pretrained.chunk_images: expected a whole number >= 1"),
+        ("pretrained", "discriminator_patches", 0, "pretrained.discriminator_patches: expected a whole number >= 1"),
         ("segmentation", "steps", -1, "segmentation.steps: expected a whole number >= 0"),
         ("segmentation", "batch_size", 1, "segmentation.batch_size: expected a whole number >= 2"),
         ("segmentation", "corruption", "none", "segmentation.corruption: expected one of"),
@@ -107,7 +110,9 @@ def test_missing_or_broken_file(tmp_path):
 def test_launchers_accepted(raw_params, launcher):
     raw = copy.deepcopy(raw_params)
     raw["model"]["launcher"] = launcher
-    assert parse_params(raw).model.launcher == launcher
+    raw["pretrained"]["launcher"] = launcher
+    params = parse_params(raw)
+    assert params.model.launcher == params.pretrained.launcher == launcher
 
 
 def test_exporting_seg_without_a_head_is_refused(raw_params):
@@ -149,6 +154,11 @@ def test_preflight_checks_what_the_params_name(raw_params, tmp_path, monkeypatch
     bad["model"]["launcher"] = "python9.99"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ParamsError, match="model.launcher: 'python9.99' is not on the PATH"):
+        preflight(path)
+    bad = copy.deepcopy(raw_params)
+    bad["pretrained"]["launcher"] = "python9.99 -u"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match="pretrained.launcher: 'python9.99' is not on the PATH"):
         preflight(path)
     bad = copy.deepcopy(raw_params)
     bad["pretrained"].update(backbone="wide_resnet50_2", layers=["layer2", "layer3"])

@@ -119,10 +119,7 @@ class ModelParams:
             raise ParamsError(f"model.ssim_weight: expected a number >= 0, got {self.ssim_weight!r}")
         if self.grad_clip < 0:
             raise ParamsError(f"model.grad_clip: expected a number >= 0 (0 turns clipping off), got {self.grad_clip!r}")
-        program = Path(self.launcher.split()[0]).name if self.launcher.split() else ""
-        if not (program.startswith("python") or program == "torchrun"):
-            raise ParamsError(f"model.launcher: expected a Python interpreter (python, python3, a venv's python) or "
-                              f"a 'torchrun ...' command line, got {self.launcher!r}")
+        _check_launcher("model.launcher", self.launcher)
 
 
 @dataclass(frozen=True)
@@ -155,6 +152,14 @@ class SegmentationParams:
         if not 0.0 < self.corruption_probability < 1.0:
             raise ParamsError("segmentation.corruption_probability: expected a number strictly between 0 and 1 "
                               f"(the head needs images with and without defects), got {self.corruption_probability!r}")
+
+
+def _check_launcher(key: str, launcher: str) -> None:
+    """A launcher is a Python interpreter or a ``torchrun`` command line (what dvc.yaml puts before a stage script)."""
+    program = Path(launcher.split()[0]).name if launcher.split() else ""
+    if not (program.startswith("python") or program == "torchrun"):
+        raise ParamsError(f"{key}: expected a Python interpreter (python, python3, a venv's python) or "
+                          f"a 'torchrun ...' command line, got {launcher!r}")
 
 
 def _check_coreset(section: str, ratio: float, max_bank_size: int, allow_zero: bool) -> None:
@@ -212,6 +217,9 @@ class PretrainedParams:
     discriminator_batch_size: int
     discriminator_noise: float
     discriminator_lr: float
+    discriminator_patches: int
+    chunk_images: int
+    launcher: str
 
     def check(self) -> None:
         if self.backbone not in BACKBONE_LAYERS:
@@ -243,6 +251,9 @@ class PretrainedParams:
         _at_least("pretrained.discriminator_steps", self.discriminator_steps, 0)
         _at_least("pretrained.discriminator_hidden", self.discriminator_hidden, 1)
         _at_least("pretrained.discriminator_batch_size", self.discriminator_batch_size, 1)
+        _at_least("pretrained.discriminator_patches", self.discriminator_patches, 1)
+        _at_least("pretrained.chunk_images", self.chunk_images, 1)
+        _check_launcher("pretrained.launcher", self.launcher)
         for key in ("discriminator_noise", "discriminator_lr"):
             value = getattr(self, key)
             if not value > 0:

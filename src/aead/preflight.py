@@ -1,6 +1,6 @@
 """What a run needs that can be checked before any stage runs, so that a bad value stops ``dvc repro`` (or
 ``dvc exp run``) before DVC removes a single output: every params key valid, the pretrained backbone's weights
-installed and intact, the training launcher on the PATH, the ONNX exporter where ``export.formats`` asks for ONNX, and
+installed and intact, the launchers on the PATH, the ONNX exporter where ``export.formats`` asks for ONNX, and
 the images of ``data.root`` in MVTec AD layout (unless
 the pipeline generates them itself)."""
 
@@ -22,11 +22,11 @@ PASSED = {"params": "passed"}
 
 
 def check_launcher(params: Params) -> None:
-    """The program of ``model.launcher`` can be found."""
-    launcher = params.model.launcher
-    program = shlex.split(launcher)[0]
-    if shutil.which(program) is None:
-        raise ParamsError(f"{params.source}: model.launcher: {program!r} is not on the PATH (from {launcher!r})")
+    """The programs of ``model.launcher`` and ``pretrained.launcher`` can be found."""
+    for key, launcher in (("model.launcher", params.model.launcher), ("pretrained.launcher", params.pretrained.launcher)):
+        program = shlex.split(launcher)[0]
+        if shutil.which(program) is None:
+            raise ParamsError(f"{params.source}: {key}: {program!r} is not on the PATH (from {launcher!r})")
 
 
 def check_onnx_exporter(params: Params) -> None:

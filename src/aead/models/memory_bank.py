@@ -10,13 +10,22 @@ test images. The pretrained bank is then indexed for a two-stage search (``pretr
 ranked in its ``pretrained.search_dim`` principal dimensions, :func:`aead.models.torch_model.candidate_distance`), or
 searched exactly (:func:`aead.models.torch_model.nearest_distance`).
 
-The pretrained bank's stage also trains SimpleNet's feature discriminator on all the training patches
-(``pretrained.discriminator_*``, :func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both
-maps on the validation images (:func:`part_scales`), so that the ``pretrained`` map can sum them.
+The pretrained bank is built as a stream (:func:`stream_bank`): the training images are read ``pretrained.chunk_images``
+at a time, and each chunk's patches are merged into the running bank by a k-center coreset of both (merge and reduce),
+so memory stays bounded by the bank, one chunk and the discriminator's sample, whatever the number of images. Under
+``torchrun`` each process streams its own share of the images and the main process keeps a k-center coreset of the
+union of their banks (coresets compose: it covers every patch within the largest share's radius plus its own). With one
+process and one chunk the bank is exactly the one-pass coreset of all the patches.
+
+The pretrained bank's stage also trains SimpleNet's feature discriminator on a seeded uniform sample of the training
+patches (all of them when they fit in ``pretrained.discriminator_patches``; ``pretrained.discriminator_*``,
+:func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both maps on the validation images
+(:func:`part_scales`), so that the ``pretrained`` map can sum them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -37,6 +46,7 @@ from aead.errors import DataError
 from aead.params import Params, PretrainedParams
 from aead.models.scoring import mean_and_peak_scale
 from aead.models.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
+from aead.training.distributed import SINGLE, DistContext, gather_rows, process_device, shard
 from aead.training.loops import DiscriminatorStats, setup_compute, train_feature_discriminator
 
 PROJECTION_DIM = 32
@@ -137,27 +147,169 @@ def build_encoder_bank(encoder: nn.Module, train_images: np.ndarray, feature_siz
     return memory, stats
 
 
+def uniform_positions(total: int, size: int, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded uniform draw of ``size`` of ``total`` items without replacement; None (all of them)
+    when ``size >= total``. Memory O(size), or O(total) int64 when ``size`` is above ``total / 50`` (numpy's choice)."""
+    if size >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+
+
+def _rows_of(positions: np.ndarray | None, start: int, count: int) -> Tensor | slice:
+    """The rows of a block of ``count`` patches numbered from ``start`` whose numbers are in ``positions`` (all when
+    None)."""
+    if positions is None:
+        return slice(0, count)
+    lo, hi = np.searchsorted(positions, [start, start + count])
+    return torch.from_numpy(positions[lo:hi] - start)
+
+
+class CoresetStream:
+    """One process's part of a streamed bank: the running coreset of the patches it has seen and the discriminator's
+    sample of them, in buffers allocated once (at the first patches, when their number per image is known). Its memory
+    is ``(bank size + chunk_images x patches per image + its share of the sample) x channels`` floats whatever the
+    number of images, plus the greedy selection's 36 floats per buffered patch while it reduces.
+
+    Patches are numbered over all ``total_images`` images of the category (image by image), so the random draws (the
+    ``random`` coreset and the sample, seeds ``seed`` and ``seed + 1``) do not depend on how the images are shared out
+    or chunked. ``add`` the patches of each chunk of at most ``chunk_images`` images of ``first_image:stop_image``, then
+    ``reduce``."""
+
+    def __init__(self, method: str, ratio: float, max_size: int, seed: int, sample_size: int | None,
+                 total_images: int, first_image: int, stop_image: int, chunk_images: int):
+        if method not in CORESET_METHODS:
+            raise ValueError(f"unknown coreset method {method!r}; use one of {', '.join(CORESET_METHODS)}")
+        self.method, self.ratio, self.max_size, self.seed = method, ratio, max_size, seed
+        self.sample_size, self.chunk_images = sample_size, chunk_images
+        self.total_images, self.first_image, self.stop_image = total_images, first_image, stop_image
+        self.per_image = self.bank_size = self.filled = self.sampled = 0
+        self.buffer = self.sample = torch.empty(0, 0)
+        self.bank_pick: np.ndarray | None = None
+        self.sample_pick: np.ndarray | None = None
+
+    def _allocate(self, per_image: int, channels: int) -> None:
+        total = self.total_images * per_image
+        self.per_image = per_image
+        self.bank_size = coreset_size(total, self.ratio, self.max_size)
+        lo, hi = self.first_image * per_image, self.stop_image * per_image
+        if self.method == "greedy":
+            capacity = self.bank_size + self.chunk_images * per_image
+        else:
+            self.bank_pick = uniform_positions(total, self.bank_size, self.seed)
+            capacity = hi - lo
+            if self.bank_pick is not None:
+                first, stop = np.searchsorted(self.bank_pick, [lo, hi])
+                capacity = int(stop - first)
+        drawn = uniform_positions(total, total if self.sample_size is None else self.sample_size, self.seed + 1)
+        self.sample_pick = None if drawn is None else drawn[np.searchsorted(drawn, lo):np.searchsorted(drawn, hi)]
+        self.buffer = torch.empty(capacity, channels)
+        self.sample = torch.empty(hi - lo if self.sample_pick is None else len(self.sample_pick), channels)
+
+    def add(self, features: Tensor, images: int, first: int) -> None:
+        """The patch features (images x patches per image, C) of ``images`` images from image number ``first``."""
+        if self.per_image == 0:
+            self._allocate(features.shape[0] // images, features.shape[1])
+        start = first * self.per_image
+        kept = features if self.method == "greedy" else features[_rows_of(self.bank_pick, start, features.shape[0])]
+        if self.filled + kept.shape[0] > self.buffer.shape[0]:
+            raise RuntimeError(f"more than chunk_images={self.chunk_images} images added before reduce()")
+        self.buffer[self.filled : self.filled + kept.shape[0]] = kept
+        self.filled += kept.shape[0]
+        sampled = features[_rows_of(self.sample_pick, start, features.shape[0])]
+        self.sample[self.sampled : self.sampled + sampled.shape[0]] = sampled
+        self.sampled += sampled.shape[0]
+
+    def reduce(self) -> None:
+        """Merge the patches added since the last call into the running coreset: greedy, a k-center coreset of both
+        to the bank size; random, nothing to do (the draw is fixed)."""
+        if self.method == "greedy" and self.filled > self.bank_size:
+            chosen = greedy_coreset(self.buffer[: self.filled], self.bank_size, self.seed)
+            self.buffer[: self.bank_size] = self.buffer[chosen]
+            self.filled = self.bank_size
+
+    @property
+    def coreset(self) -> Tensor:
+        """The running coreset (rows of the buffer)."""
+        return self.buffer[: self.filled]
+
+
+@dataclass
+class StreamedBank:
+    """What a streamed build leaves on the main process: the bank's patches (in the order the last coreset chose
+    them), the discriminator's sample of training patches (in their global order), and how it went."""
+
+    bank: Tensor
+    sample: Tensor
+    stats: BankStats
+
+
+LoadImages = Callable[[int, int], np.ndarray]
+
+
 @torch.inference_mode()
+def stream_bank(extract: Callable[[Tensor], Tensor], load_images: LoadImages, n_images: int, method: str,
+                ratio: float, max_size: int, seed: int, sample_size: int | None, chunk_images: int, batch_size: int,
+                device: torch.device, ctx: DistContext = SINGLE) -> StreamedBank | None:
+    """The bank of the patches ``extract`` finds in training images ``load_images(start, stop)`` (uint8 NHWC, images
+    ``start:stop`` of ``n_images``), built chunk by chunk (:class:`CoresetStream`), and a uniform sample of at most
+    ``sample_size`` of the patches (None: all). A collective under ``torchrun``: each process streams its contiguous
+    share of the images, and the main process gathers the shares' coresets and samples and, greedy, keeps a k-center
+    coreset of their union; it returns the result, the other processes None."""
+    start = time.perf_counter()
+    if n_images < ctx.world_size:
+        raise DataError(f"{n_images} training images for {ctx.world_size} processes: each process needs at least one; "
+                        "start fewer (pretrained.launcher)")
+    lo, hi = shard(0, n_images, ctx)
+    stream = CoresetStream(method, ratio, max_size, seed, sample_size, n_images, lo, hi, chunk_images)
+    for first in range(lo, hi, chunk_images):
+        images = load_images(first, min(first + chunk_images, hi))
+        for s in range(0, len(images), batch_size):
+            x = to_float(to_tensor(images[s : s + batch_size], device))
+            f = extract(x)
+            stream.add(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu(), x.shape[0], first + s)
+        del images
+        stream.reduce()
+    coresets = gather_rows(stream.coreset, ctx)
+    sample = gather_rows(stream.sample, ctx)
+    if coresets is None or sample is None:
+        return None
+    bank = coresets
+    if coresets.shape[0] > stream.bank_size:  # several processes' coresets (greedy)
+        bank = coresets[greedy_coreset(coresets, stream.bank_size, seed)]
+    stats = BankStats(n_images, n_images * stream.per_image, bank.shape[0], time.perf_counter() - start)
+    return StreamedBank(bank, sample, stats)
+
+
 def fill_pretrained_bank(memory: PretrainedPatchMemory, train_images: np.ndarray, method: str, ratio: float,
                          max_size: int, seed: int, device: torch.device, batch_size: int = 8, log: Log = print,
-                         tag: str = "", fit_discriminator: FitDiscriminator | None = None
+                         tag: str = "", fit_discriminator: FitDiscriminator | None = None,
+                         chunk_images: int | None = None, sample_size: int | None = None
                          ) -> tuple[PretrainedPatchMemory, BankStats, DiscriminatorStats | None]:
     """``memory`` (a backbone with an empty bank) with its bank filled from ``train_images`` (uint8 NHWC, already
-    at the working shape), and with ``fit_discriminator`` a feature discriminator trained on all the training
-    patches (its part scales still at their defaults: see :func:`part_scales`)."""
-    start = time.perf_counter()
+    at the working shape) in one process, ``chunk_images`` at a time (None: all at once), and with
+    ``fit_discriminator`` a feature discriminator trained on a uniform sample of at most ``sample_size`` training
+    patches (None: all of them; its part scales still at their defaults: see :func:`part_scales`)."""
     memory = memory.to(device).eval()
-    feats, n_images = _collect(memory.features, _batches(train_images, batch_size, device))
-    chosen = select_coreset(feats, method, ratio, max_size, seed)
-    stats = BankStats(n_images, int(feats.shape[0]), len(chosen), time.perf_counter() - start)
-    log(f"[{tag}] pretrained bank: {stats.bank_size} of {stats.patches} training patches ({feats.shape[1]} channels, "
-        f"{method} coreset), {stats.seconds:.1f} s")
+    streamed = stream_bank(memory.features, lambda a, b: train_images[a:b], len(train_images), method, ratio,
+                           max_size, seed, sample_size, chunk_images or len(train_images), batch_size, device)
+    assert streamed is not None  # one process: the main one
+    return finish_pretrained_bank(memory, streamed, method, log, tag, fit_discriminator)
+
+
+def finish_pretrained_bank(memory: PretrainedPatchMemory, streamed: StreamedBank, method: str, log: Log = print,
+                           tag: str = "", fit_discriminator: FitDiscriminator | None = None
+                           ) -> tuple[PretrainedPatchMemory, BankStats, DiscriminatorStats | None]:
+    """``memory`` with the streamed bank, and with ``fit_discriminator`` its discriminator trained on the sample."""
+    stats = streamed.stats
+    log(f"[{tag}] pretrained bank: {stats.bank_size} of {stats.patches} training patches "
+        f"({streamed.bank.shape[1]} channels, {method} coreset), {stats.seconds:.1f} s")
     discriminator, fitted = None, None
     if fit_discriminator is not None:
-        discriminator, fitted = fit_discriminator(feats)
-    filled = PretrainedPatchMemory(memory.backbone, memory.layers, memory.neighbourhood, len(chosen), feats.shape[1],
-                                   memory.padding, discriminator)
-    filled.bank.copy_(feats[chosen])
+        discriminator, fitted = fit_discriminator(streamed.sample)
+    filled = PretrainedPatchMemory(memory.backbone, memory.layers, memory.neighbourhood, stats.bank_size,
+                                   streamed.bank.shape[1], memory.padding, discriminator)
+    with torch.inference_mode():
+        filled.bank.copy_(streamed.bank)
     return filled.cpu(), stats, fitted
 
 
@@ -224,19 +376,25 @@ def pretrained_shape(memory: PretrainedPatchMemory, image_size: int, train_sampl
     return category_shape(train_samples, image_size, multiple)
 
 
-def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = print) -> dict[str, Any]:
-    """The pretrained memory bank of every category (``pretrained.*``) over its training images, decoded from the
-    prepared manifests at the category's working shape, with its feature discriminator and the part scales measured on
-    the category's validation images (``pretrained.discriminator_steps`` > 0), written into ``out_dir`` (replaced
-    whole, atomically)."""
-    device = setup_compute(params.model)
+def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = print,
+                                    ctx: DistContext = SINGLE) -> dict[str, Any]:
+    """The pretrained memory bank of every category (``pretrained.*``) over its training images, streamed from the
+    prepared manifests at the category's working shape ``pretrained.chunk_images`` at a time (:func:`stream_bank`),
+    with its feature discriminator and the part scales measured on the category's validation images
+    (``pretrained.discriminator_steps`` > 0), written into ``out_dir`` (replaced whole, atomically). Under ``torchrun``
+    (``ctx``) every process streams its share of each category; the main process alone logs, finishes the banks and
+    writes them, and returns the metrics (the others an empty dict)."""
+    device = process_device(setup_compute(params.model), ctx)
     pre = params.pretrained
     prepared = Path(params.data.prepared_dir)
     train_split = read_manifest(prepared, "train")
     val_split = read_manifest(prepared, "val") if pre.discriminator_steps else []
-    empty = pretrained_memory(pre)
-    metrics: dict[str, Any] = {"device": str(device), "backbone": pre.backbone, "categories": {}}
-    with io.atomic_dir(out_dir) as tmp_dir:
+    empty = pretrained_memory(pre).eval()
+    if not ctx.is_main:
+        log = _quiet
+    metrics: dict[str, Any] = {"device": str(device), "backbone": pre.backbone, "processes": ctx.world_size,
+                               "categories": {}}
+    with io.atomic_dir(out_dir) if ctx.is_main else contextlib.nullcontext(out_dir) as tmp_dir:
         for category in params.data.categories:
             samples = [s for s in train_split if s.category == category]
             if not samples:
@@ -249,17 +407,27 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                                 "images, raise data.val_fraction, or set pretrained.discriminator_steps: 0")
             shape = pretrained_shape(empty, pre.image_size, samples)
             tag = f"pretrained/{category}"
-            log(f"[{tag}] decoding {len(samples)} training images at {shape[0]}x{shape[1]}")
-            images = load_split(samples, shape, with_masks=False).images
+            log(f"[{tag}] {len(samples)} training images at {shape[0]}x{shape[1]}, read {pre.chunk_images} at a "
+                f"time by each of {ctx.world_size} process(es)")
+
+            def load(start: int, stop: int, chosen: list[Sample] = samples, size: Shape = shape) -> np.ndarray:
+                return load_split(chosen[start:stop], size, with_masks=False).images
+
+            streamed = stream_bank(empty.to(device).features, load, len(samples), pre.coreset_method, pre.coreset_ratio,
+                                   pre.max_bank_size, pre.seed, pre.discriminator_patches, pre.chunk_images,
+                                   pre.batch_size, device, ctx)
+            if streamed is None:  # not the main process: it finishes the category
+                continue
             fit = None
             if pre.discriminator_steps:
                 def fit(feats: Tensor) -> tuple[FeatureDiscriminator, DiscriminatorStats]:
+                    log(f"[{tag}] feature discriminator on {feats.shape[0]} of the training patches")
                     return train_feature_discriminator(feats, pre.discriminator_hidden, pre.discriminator_steps,
                                                        pre.discriminator_batch_size, pre.discriminator_noise,
                                                        pre.discriminator_lr, pre.seed, log=log, tag=tag)
-            memory, stats, fitted = fill_pretrained_bank(empty, images, pre.coreset_method, pre.coreset_ratio,
-                                                         pre.max_bank_size, pre.seed, device, pre.batch_size, log=log,
-                                                         tag=tag, fit_discriminator=fit)
+            memory, stats, fitted = finish_pretrained_bank(empty, streamed, pre.coreset_method, log=log, tag=tag,
+                                                           fit_discriminator=fit)
+            del streamed
             memory.index_bank(pre.search_dim, pre.search_candidates)
             record: dict[str, Any] = {"shape": list(shape), **stats.to_dict()}
             if fitted is not None:
@@ -275,8 +443,14 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                                "discriminator_final_loss": round(fitted.final_loss, 6),
                                "part_scales_seconds": round(time.perf_counter() - start, 2),
                                "part_scales": [[round(v, 6) for v in row] for row in scales]})
-            save_pretrained_bank(tmp_dir / f"{category}.pt", memory,
+            save_pretrained_bank(tmp_dir / f"{category}.pt", memory.cpu(),
                                  {**dataclasses.asdict(pre), "shape": list(shape), "categories": [category]})
             metrics["categories"][category] = record
+    if not ctx.is_main:
+        return {}
     metrics["bank_size"] = int(sum(m["bank_size"] for m in metrics["categories"].values()))
     return metrics
+
+
+def _quiet(message: str) -> None:
+    """The log of the processes other than the main one."""

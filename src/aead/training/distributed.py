@@ -1,4 +1,4 @@
-"""Data-parallel training under ``torchrun``: who am I, and the few collectives the training loop needs.
+"""Data-parallel training and bank building under ``torchrun``: who am I, and the few collectives they need.
 
 ``torchrun --nproc-per-node N stages/train.py ...`` starts N processes with ``RANK``, ``LOCAL_RANK`` and
 ``WORLD_SIZE`` in their environment (multi-node: the usual ``--nnodes``/``--rdzv-*`` flags). Without those
@@ -71,6 +71,31 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _collective_device() -> torch.device:
+    """Where the tensors of a collective must be: the process's GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(rows: torch.Tensor, ctx: DistContext) -> torch.Tensor | None:
+    """The rows (N_r, C) of every process, concatenated in rank order on the CPU of the main process; None on the
+    others; ``rows`` itself in a single process. Every process's rows must have the same width C."""
+    if not ctx.enabled:
+        return rows
+    device = _collective_device()
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, torch.tensor([rows.shape[0]], device=device))
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), rows.shape[1], dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in sizes] if ctx.is_main else None
+    dist.gather(padded, parts, dst=0)
+    if parts is None:
+        return None
+    return torch.cat([part[:n].cpu() for part, n in zip(parts, sizes)])
 
 
 def barrier(ctx: DistContext) -> None:

@@ -12,7 +12,9 @@ extraction and coreset; its scoring, resize + normalisation + ``forward`` (map a
 Pipeline: ``prepare-split``, ``build-pretrained-bank``, ``evaluate-pretrained`` and ``export`` run as stage scripts
 (as ``dvc repro`` would) under the committed params with ``--setting`` overrides; its fit is ``prepare-split`` +
 ``build-pretrained-bank``; its scoring, the exported ONNX model in ONNX Runtime (the fastest runtime it ships) from
-decoded uint8 images at batch 1. Peak memory is each side's largest process (``ru_maxrss``).
+decoded uint8 images at batch 1. Both sides' scoring is timed in one process, in interleaved rounds (each round a
+pass over the test images by the peer and by every setting's detector in turn), so the machine's drift hits all
+alike. Peak memory is each side's largest process (``ru_maxrss``).
 
     pip install -r benchmarks/peer-requirements.txt -c requirements.txt
     python benchmarks/peer_anomalib.py --root ../shared/data/mvtec_transistor_256 --category transistor \\
@@ -28,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +50,20 @@ def run_ours(work: Path, root: Path, category: str, overrides: list[str]) -> dic
             "bank_size": bank["categories"][category]["bank_size"], "backbone": run["params"]["pretrained"]["backbone"]}
 
 
-def scoring_throughput(run: callable, images: list[np.ndarray], rounds: int) -> float:
-    """Images per second at batch 1: the median over ``rounds`` passes over ``images`` (after one warm-up call)."""
-    run(images[0][None])
-    rates = []
+def interleaved_throughput(runners: dict[str, Callable[[np.ndarray], object]], images: list[np.ndarray],
+                           rounds: int) -> dict[str, float]:
+    """Images per second at batch 1 of each runner: the median over ``rounds`` rounds, each a pass over ``images`` by
+    every runner in turn (after one warm-up call each), so that the machine's drift hits all alike."""
+    for run in runners.values():
+        run(images[0][None])
+    rates: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        start = time.perf_counter()
-        for image in images:
-            run(image[None])
-        rates.append(len(images) / (time.perf_counter() - start))
-    return float(np.median(rates))
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for image in images:
+                run(image[None])
+            rates[name].append(len(images) / (time.perf_counter() - start))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 def test_images(root: Path, category: str) -> tuple[list[np.ndarray], np.ndarray, list[np.ndarray]]:
@@ -69,14 +76,6 @@ def test_images(root: Path, category: str) -> tuple[list[np.ndarray], np.ndarray
     masks = [read_mask(s.mask_path, im.shape[:2]) if s.mask_path else np.zeros(im.shape[:2], bool)
              for s, im in zip(test, images)]
     return images, np.array([s.label for s in test]), masks
-
-
-def ours_throughput(work: Path, root: Path, category: str, rounds: int) -> float:
-    from aead.deploy.runtime import OnnxDetector
-
-    detector = OnnxDetector(work / "models" / "export", category)
-    images, _, _ = test_images(root, category)
-    return scoring_throughput(lambda batch: detector(batch), images, rounds)
 
 
 def lite0_for_timm():
@@ -107,8 +106,9 @@ def lite0_for_timm():
     return net
 
 
-def run_peer(root: Path, category: str, coreset: float, rounds: int) -> dict:
-    """anomalib's PatchCore fitted and scored in this process."""
+def run_peer(root: Path, category: str, coreset: float, rounds: int, ours: list[Path]) -> dict:
+    """anomalib's PatchCore fitted and scored in this process; its scoring timed in interleaved rounds with the
+    pipeline's ONNX detectors in the run folders ``ours`` (``ours_images_per_second``, by folder)."""
     import torch
     import torch.nn.functional as F
     from anomalib.models.image.patchcore.torch_model import PatchcoreModel
@@ -144,7 +144,12 @@ def run_peer(root: Path, category: str, coreset: float, rounds: int) -> dict:
         with torch.inference_mode():
             return model(preprocess(batch))
 
-    rate = scoring_throughput(score, images, rounds)
+    from aead.deploy.runtime import OnnxDetector
+
+    runners: dict[str, Callable[[np.ndarray], object]] = {"peer": score}
+    for work in ours:
+        runners[str(work)] = OnnxDetector(work / "models" / "export", category)
+    rates = interleaved_throughput(runners, images, rounds)
     scores, maps = [], []
     for image in images:
         out = score(image[None])
@@ -154,8 +159,8 @@ def run_peer(root: Path, category: str, coreset: float, rounds: int) -> dict:
     pixel_auroc = roc_auc_score(np.concatenate([m.ravel() for m in masks]), np.concatenate([m.ravel() for m in maps]))
     return {"fit_seconds": fit_seconds, "fit_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "image_auroc": float(roc_auc_score(labels, scores)), "pixel_auroc": float(pixel_auroc),
-            "bank_size": int(model.memory_bank.shape[0]), "images_per_second": rate,
-            "backbone": "tf_efficientnet_lite0 (packaged Lite0 weights)"}
+            "bank_size": int(model.memory_bank.shape[0]), "images_per_second": rates.pop("peer"),
+            "ours_images_per_second": rates, "backbone": "tf_efficientnet_lite0 (packaged Lite0 weights)"}
 
 
 def main() -> None:
@@ -169,23 +174,26 @@ def main() -> None:
     ap.add_argument("--peer-coreset", type=float, default=0.025, help="anomalib's coreset share (default 0.025)")
     ap.add_argument("--rounds", type=int, default=3, help="passes over the test images when timing scoring")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ours", type=Path, nargs="*", default=[], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.peer_only:  # the peer in its own process, so that its peak memory is its own
-        print(json.dumps(run_peer(a.root, a.category, a.peer_coreset, a.rounds)))
+        print(json.dumps(run_peer(a.root, a.category, a.peer_coreset, a.rounds, a.ours)))
         return
-    rows = []
+    rows, works = [], []
     for setting in a.setting:
         name, overrides = parse_setting(setting)
-        result = run_ours(a.work / name, a.root, a.category, overrides)
-        result["images_per_second"] = ours_throughput(a.work / name, a.root, a.category, a.rounds)
+        works.append(a.work / name)
+        result = run_ours(works[-1], a.root, a.category, overrides)
         print(f"pipeline ({name or 'default'})", json.dumps(result), flush=True)
         rows.append((f"this pipeline, {name or 'default'}", result))
     peer = subprocess.run([sys.executable, __file__, "--root", str(a.root), "--category", a.category, "--work",
                            str(a.work), "--peer-coreset", str(a.peer_coreset), "--rounds", str(a.rounds),
-                           "--peer-only"], capture_output=True, text=True)
+                           "--peer-only", "--ours", *map(str, works)], capture_output=True, text=True)
     if peer.returncode != 0:
         raise SystemExit(f"the peer failed:\n{peer.stderr[-3000:]}")
     result = json.loads(peer.stdout.strip().splitlines()[-1])
+    for work, (_, row) in zip(works, rows):
+        row["images_per_second"] = result["ours_images_per_second"][str(work)]
     print("anomalib PatchCore", json.dumps(result), flush=True)
     rows.append((f"anomalib PatchCore ({a.peer_coreset:g} coreset)", result))
     print(f"| {a.category} | backbone | bank | fit s | fit peak GB | scoring images/s (batch 1) | image AUROC | "

@@ -30,6 +30,7 @@ from aead.deploy.export import build_detector, export_program, save_onnx
 from aead.deploy.outputs import expand_inputs
 from aead.deploy.predict import recorded_params
 from aead.deploy.runtime import read_index
+from deploy_latency import load_images  # this folder's script: the timed images
 
 # ONNX operator types by the stage of the scoring path they serve in the pretrained detector's graph
 STAGES = {"backbone": {"Conv", "Clip", "Relu", "HardSigmoid", "Sigmoid", "Mul", "Add", "Pad"},
@@ -110,8 +111,7 @@ def main() -> None:
             save_onnx(export_program(detector, params.data.image_size), params.data.image_size, path)
         sessions[name] = session(path)
         raw[name] = np.array([sessions[name].run(None, {"images": im[None]})[1][0] for im in found])
-    same = [im for im in found if im.shape == found[0].shape]
-    images = np.stack((same * (args.count // len(same) + 1))[: args.count])
+    images = load_images(args.images, args.count)
     times: dict[tuple[str, int], list[float]] = defaultdict(list)
     for _ in range(args.rounds):
         for name, sess in sessions.items():

@@ -263,10 +263,11 @@ def stream_bank(extract: Callable[[Tensor], Tensor], load_images: LoadImages, n_
     stream = CoresetStream(method, ratio, max_size, seed, sample_size, n_images, lo, hi, chunk_images)
     for first in range(lo, hi, chunk_images):
         images = load_images(first, min(first + chunk_images, hi))
-        for s in range(0, len(images), batch_size):
-            x = to_float(to_tensor(images[s : s + batch_size], device))
+        image = first
+        for x in _batches(images, batch_size, device):
             f = extract(x)
-            stream.add(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu(), x.shape[0], first + s)
+            stream.add(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]).cpu(), x.shape[0], image)
+            image += x.shape[0]
         del images
         stream.reduce()
     coresets = gather_rows(stream.coreset, ctx)

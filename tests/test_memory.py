@@ -12,8 +12,9 @@ from aead.training.checkpoint import load_encoder_bank, save_encoder_bank
 from aead.errors import CheckpointError
 from aead.models.memory_bank import build_encoder_bank, coreset_size, greedy_coreset, select_coreset
 from aead.models.scoring import SCALE_FLOOR, mean_and_peak_scale
-from aead.models.torch_model import (PatchMemory, _candidate_rows, build_model, candidate_distance, nearest_distance,
-                                     patch_features, principal_axes)
+from aead.models.backbones import build_backbone
+from aead.models.torch_model import (PatchMemory, PretrainedPatchMemory, _candidate_rows, build_model,
+                                     candidate_distance, nearest_distance, patch_features, principal_axes)
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
@@ -50,6 +51,24 @@ def test_mirrored_border_makes_the_patches_of_a_uniform_image_alike():
     torch.testing.assert_close(mirrored, centre)
     assert (zero - zero[:, :, 4:5, 4:5]).abs().amax() > 100 * (mirrored - centre).abs().amax() + 1e-3
     assert torch.equal(patch_features(encoder, x, 8, padding=0), zero)
+
+
+def test_pretrained_features_damp_the_outermost_patches_by_their_share_inside():
+    """Without a mirrored border the 3 x 3 neighbourhood average counts the positions outside the image as zeros
+    (PatchCore's pooling): a corner patch is 4/9 of the mean of its 2 x 2 inside, an edge patch 6/9 of its 2 x 3, an
+    inner patch the plain mean. With a mirrored border the average sees mirrored positions instead, and nothing is
+    damped."""
+    backbone = build_backbone("efficientnet_lite0")
+    x = to_batch(images(1, size=64))
+    with torch.no_grad():
+        plain = PretrainedPatchMemory(backbone, ("blocks.4",), 3, 0, 0, 0).features(x)
+        level = backbone(x, ("blocks.4",))[0]
+        mirrored = PretrainedPatchMemory(backbone, ("blocks.4",), 3, 0, 0, 16).features(x)
+        padded = backbone(torch.nn.functional.pad(x, (16, 16, 16, 16), mode="reflect"), ("blocks.4",))[0]
+    torch.testing.assert_close(plain[..., 0, 0], level[..., 0:2, 0:2].mean(dim=(2, 3)) * 4 / 9)
+    torch.testing.assert_close(plain[..., 0, 3], level[..., 0:2, 2:5].mean(dim=(2, 3)) * 6 / 9)
+    torch.testing.assert_close(plain[..., 3, 3], level[..., 2:5, 2:5].mean(dim=(2, 3)))
+    torch.testing.assert_close(mirrored[..., 0, 0], padded[..., 1:4, 1:4].mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("padding", [-4, 2, 6])

@@ -323,10 +323,14 @@ class PretrainedPatchMemory(nn.Module):
     sum of the two maps, nearest-patch distance and discriminator score, each less its mean and divided by its peak
     scale over defect-free validation images (``part_scales``, (2, 2): a row of mean and scale per part).
 
+    The neighbourhood average counts the positions outside the image as zeros (PatchCore's pooling), so the features
+    of the outermost patches, and with them their distances, shrink by the share of their neighbourhood that lies
+    inside the image: the border, where the backbone sees its own zero padding, cannot dominate the map (without
+    that, the corners of defect-free texture images scored highest).
+
     ``padding``: the image is first extended by that many mirrored pixels on each side (a multiple of the deepest
     layer's stride) and the features are cropped back to the image, so that patches near the border are described
-    by mirrored surroundings instead of by the backbone's zero padding (which made the corners of defect-free texture
-    images score highest).
+    by mirrored surroundings instead, at the cost of the padded pixels (0, the default, pads nothing).
 
     The bank is searched exactly (:func:`nearest_distance`) until :meth:`index_bank` gives it a two-stage search
     (:func:`candidate_distance`: candidates ranked in the bank's principal subspace, re-ranked in all channels)."""
@@ -382,7 +386,7 @@ class PretrainedPatchMemory(nn.Module):
         out: list[Tensor] = []
         for level in self.backbone(x, self.layers):
             if k > 1:
-                level = nn.functional.avg_pool2d(level, k, stride=1, padding=k // 2, count_include_pad=False)
+                level = nn.functional.avg_pool2d(level, k, stride=1, padding=k // 2, count_include_pad=True)
             if out and level.shape[-2:] != out[0].shape[-2:]:
                 level = nn.functional.interpolate(level, size=out[0].shape[-2:], mode="bilinear", align_corners=False)
             out.append(level)

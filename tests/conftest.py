@@ -100,5 +100,5 @@ def tiny_training(raw: dict) -> dict:
     raw["multiscale"]["base_channels"] = 4
     raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
     raw["memory_bank"].update(feature_size=8)
-    raw["pretrained"].update(image_size=32, border_padding=16, discriminator_steps=5)
+    raw["pretrained"].update(image_size=32, discriminator_steps=5)
     return raw

@@ -126,7 +126,7 @@ def test_a_bank_searched_in_two_stages_round_trips(memory, tmp_path):
 def test_the_stage_names_the_missing_validation_images(odd_dataset, raw_params, tmp_path):
     raw = copy.deepcopy(raw_params)
     raw["data"].update(root=str(odd_dataset), categories=["widget"], prepared_dir=str(tmp_path / "prepared"))
-    raw["pretrained"].update(image_size=32, border_padding=16, discriminator_steps=3)
+    raw["pretrained"].update(image_size=32, discriminator_steps=3)
     params = parse_params(raw)
     prepare_split(params.data, log=lambda m: None)
     val = read_manifest(tmp_path / "prepared", "val")

@@ -36,7 +36,7 @@ def tiny_params(raw: dict) -> dict:
     raw["baseline"]["base_channels"] = 4
     raw["multiscale"]["base_channels"] = 4
     raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
-    raw["pretrained"].update(image_size=32, border_padding=16, discriminator_steps=5)
+    raw["pretrained"].update(image_size=32, discriminator_steps=5)
     return raw
 
 

@@ -54,7 +54,7 @@ def strips(tmp_path_factory, raw_params_module):
     raw["data"].update(root=str(work / "data"), categories=["strip"], image_size=16,
                        prepared_dir=str(work / "prepared"))
     raw["memory_bank"].update(feature_size=8)
-    raw["pretrained"].update(image_size=32, border_padding=16, max_bank_size=512, discriminator_steps=20)
+    raw["pretrained"].update(image_size=32, max_bank_size=512, discriminator_steps=20)
     raw["evaluate"].update(bootstrap_resamples=0, heatmaps_per_type=0)
     (work / "params.yaml").write_text(yaml.safe_dump(raw))
     params = parse_params(raw)

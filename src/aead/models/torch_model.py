@@ -365,7 +365,12 @@ class PretrainedPatchMemory(nn.Module):
             self.search_projection = self.bank.new_zeros(channels, 0)
             self.bank_projected = self.bank.new_zeros(self.bank.shape[0], 0)
             return
-        mean, projection = principal_axes(self.bank, dim)
+        self.set_search(*principal_axes(self.bank, dim), candidates)
+
+    def set_search(self, mean: Tensor, projection: Tensor, candidates: int) -> None:
+        """Search the bank in two stages with ``candidates`` candidates ranked in the subspace of ``mean`` (C,) and
+        ``projection`` (C, d) (:func:`principal_axes`, or as a checkpoint stored them); the bank's projection is
+        derived from them."""
         self.search_candidates = candidates
         self.search_mean, self.search_projection = mean.to(self.bank), projection.to(self.bank)
         self.bank_projected = (self.bank - self.search_mean) @ self.search_projection

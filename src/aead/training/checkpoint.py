@@ -144,8 +144,7 @@ def save_pretrained_bank(path: str | Path, memory: PretrainedPatchMemory, meta: 
             "search_dim": int(memory.search_projection.shape[1]), "search_candidates": memory.search_candidates}
     state = {"bank": memory.bank}
     if memory.search_candidates:
-        state.update({"search_mean": memory.search_mean, "search_projection": memory.search_projection,
-                      "bank_projected": memory.bank_projected})
+        state.update({"search_mean": memory.search_mean, "search_projection": memory.search_projection})
     if disc is not None:
         state.update({"part_scales": memory.part_scales,
                       **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}})
@@ -168,10 +167,8 @@ def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
     try:
         memory.bank.copy_(state["bank"])
         if int(meta.get("search_candidates", 0)):
-            memory.search_candidates = int(meta["search_candidates"])
-            memory.search_mean = state["search_mean"].float()
-            memory.search_projection = state["search_projection"].float()
-            memory.bank_projected = state["bank_projected"].float()
+            memory.set_search(state["search_mean"].float(), state["search_projection"].float(),
+                              int(meta["search_candidates"]))
         if disc is not None:
             memory.part_scales.copy_(state["part_scales"])
             disc.load_state_dict({k.removeprefix("discriminator."): v for k, v in state.items()

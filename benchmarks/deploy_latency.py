@@ -28,10 +28,14 @@ from aead.deploy.predict import recorded_params
 from aead.deploy.runtime import OnnxDetector, read_index
 
 
-def load_images(folder: Path, count: int) -> np.ndarray:
-    """``count`` images of the first size found under ``folder`` (as ``aead predict`` finds them), as one uint8
-    (N, H, W, 3) array; repeated where fewer have that size."""
-    images = [read_image(found.path) for found in expand_inputs([folder])]
+def read_folder(folder: Path) -> list[np.ndarray]:
+    """The decoded images under ``folder``, as ``aead predict`` finds them."""
+    return [read_image(found.path) for found in expand_inputs([folder])]
+
+
+def same_size(images: list[np.ndarray], count: int) -> np.ndarray:
+    """``count`` of ``images`` of the first one's size, as one uint8 (N, H, W, 3) array; repeated where fewer have
+    that size."""
     same = [im for im in images if im.shape == images[0].shape][:count]
     if len(same) < count:
         same = (same * (count // len(same) + 1))[:count]
@@ -59,7 +63,7 @@ def main() -> None:
     params = recorded_params(args.models_root, index["method"])
     eager = build_detector(params, args.models_root, model, args.category, index["method"])
     program = torch.export.load(str(export_dir / index["files"][onnx.key]["pt2"])).module()
-    images = load_images(args.images, args.count)
+    images = same_size(read_folder(args.images), args.count)
 
     def torch_runner(module: torch.nn.Module):
         def run(batch: np.ndarray) -> None:

@@ -25,12 +25,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from aead.data.images import read_image
 from aead.deploy.export import build_detector, export_program, save_onnx
-from aead.deploy.outputs import expand_inputs
 from aead.deploy.predict import recorded_params
 from aead.deploy.runtime import read_index
-from deploy_latency import load_images  # this folder's script: the timed images
+from deploy_latency import read_folder, same_size  # this folder's script: the timed images
 
 # ONNX operator types by the stage of the scoring path they serve in the pretrained detector's graph
 STAGES = {"backbone": {"Conv", "Clip", "Relu", "HardSigmoid", "Sigmoid", "Mul", "Add", "Pad"},
@@ -61,6 +59,7 @@ def session(path: Path, profile: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = profile
+    options.profile_file_prefix = str(path.with_suffix(""))  # beside the model, not in the working directory
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -97,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     index = read_index(args.models_root / "export")
     params = recorded_params(args.models_root, index["method"])
-    found = [read_image(f.path) for f in expand_inputs([args.images])]
+    found = read_folder(args.images)
     sizes = {im.shape for im in found}
     tmp = Path(tempfile.mkdtemp(prefix="scoring-path-"))
     sessions, raw, threshold = {}, {}, None
@@ -111,7 +110,7 @@ def main() -> None:
             save_onnx(export_program(detector, params.data.image_size), params.data.image_size, path)
         sessions[name] = session(path)
         raw[name] = np.array([sessions[name].run(None, {"images": im[None]})[1][0] for im in found])
-    images = load_images(args.images, args.count)
+    images = same_size(found, args.count)
     times: dict[tuple[str, int], list[float]] = defaultdict(list)
     for _ in range(args.rounds):
         for name, sess in sessions.items():

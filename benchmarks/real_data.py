@@ -65,8 +65,10 @@ def run_setting(work: Path, root: Path, category: str, overrides: list[str], exp
             raise SystemExit(f"{stage} failed; see {work / 'log.txt'}")
         seconds[stage] = time.perf_counter() - start
         peak_gb[stage] = usage.ru_maxrss / 1e6  # kB on Linux
+    details = json.loads((work / "metrics" / "details" / "evaluate-pretrained.json").read_text())
     return {"metrics": json.loads((work / "metrics" / "pretrained.json").read_text()), "seconds": seconds,
-            "peak_gb": peak_gb, "params": params}
+            "peak_gb": peak_gb, "params": params,
+            "by_defect_type": details["pretrained"]["categories"][category]["by_defect_type"]}
 
 
 def bank_launcher(params: dict) -> list[str]:
@@ -101,6 +103,14 @@ def cell(m: dict, key: str) -> str:
     return f"{m[key]:.3f}" if low is None else f"{m[key]:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def type_cell(m: dict | None) -> str:
+    if m is None or m["image_auroc"] is None:
+        return "–"
+    ci = m["image_auroc_ci"]
+    interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return f"{m['image_auroc']:.3f}{interval} ({m['n']})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, required=True, help="MVTec-layout folder")
@@ -122,6 +132,11 @@ def main() -> None:
         m, s = r["metrics"], r["seconds"]
         print(f"| {name} | {' | '.join(cell(m, k) for k in keys)} | {s['build-pretrained-bank']:.0f} | "
               f"{r['peak_gb']['build-pretrained-bank']:.2f} | {s['evaluate-pretrained']:.0f} |")
+    kinds = sorted({kind for _, r in rows for kind in r["by_defect_type"]})
+    print(f"\nimage AUROC by defect type (its images against all the good ones)\n| setting | {' | '.join(kinds)} |")
+    print("|---|" + "---|" * len(kinds))
+    for name, r in rows:
+        print(f"| {name} | " + " | ".join(type_cell(r["by_defect_type"].get(kind)) for kind in kinds) + " |")
     for name, _ in rows[1:]:
         print("\n" + paired(a.work / rows[0][0], a.work / name))
 

@@ -114,6 +114,8 @@ def test_repro_runs_every_stage_then_nothing(project, tmp_path):
         for key in ("image_auroc", "pr_auc", "pixel_auroc", "aupro", "f1_max", "threshold", "scoring_images_per_second"):
             assert key in l1[model]["categories"]["tile"]
     assert details(project, "evaluate-pretrained")["pretrained"]["scoring_images_per_second"] > 0
+    tile = details(project, "evaluate-pretrained")["pretrained"]["categories"]["tile"]
+    assert sum(t["n"] for t in tile["by_defect_type"].values()) == tile["n_anomalous"]
     assert (project / "models" / "baseline" / "tile.pt").is_file()
     shown = run(["dvc", "metrics", "show"], project)
     assert "test_anomalous" in shown, "prepare-split's counts are DVC metrics"

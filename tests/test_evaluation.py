@@ -11,9 +11,9 @@ import torch
 
 from conftest import tiny_training, train_everything
 
-from aead.data.mvtec import read_split
+from aead.data.mvtec import Sample, read_split
 from aead.errors import CheckpointError
-from aead.evaluation.evaluate import TrainedModels, category_inputs, evaluate
+from aead.evaluation.evaluate import CategoryResult, TrainedModels, category_inputs, defect_type_metrics, evaluate
 from aead.params import parse_params
 from aead.data.prepare import prepare_split
 from aead.models.scoring import score_inputs
@@ -183,3 +183,26 @@ def test_panels_show_a_reconstruction_only_for_maps_built_on_it(trained, tmp_pat
         kept[f"{method}_width"] = max(widths)
     assert kept == {"knn": False, "ssim": True, "fused": True, **{k: v for k, v in kept.items() if k.endswith("width")}}
     assert kept["knn_width"] < kept["ssim_width"] == kept["fused_width"], "one tile fewer without a reconstruction"
+
+
+def test_defect_types_are_each_ranked_against_all_the_good_images():
+    kinds = ["good"] * 4 + ["crack"] * 2 + ["uneven"] * 2
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 0.5, 2.5])
+    labels = np.array([k != "good" for k in kinds], dtype=np.int64)
+    samples = [Sample(f"c/test/{k}/{i}.png", "c", k, int(y)) for i, (k, y) in enumerate(zip(kinds, labels))]
+    result = CategoryResult(samples, labels, {"top1": scores}, np.zeros((8, 2, 2)), None, np.ones(8, dtype=bool))
+    types = defect_type_metrics(result, "top1", "c", threshold=2.5, resamples=200)
+    assert list(types) == ["crack", "uneven"]
+    assert types["crack"]["n"] == 2 and types["crack"]["image_auroc"] == 1.0 and types["crack"]["recall"] == 1.0
+    # 0.5 beats one good score of four, 2.5 three of four: (1 + 3) / 8
+    assert types["uneven"]["image_auroc"] == 0.5 and types["uneven"]["recall"] == 0.5
+    low, high = types["uneven"]["image_auroc_ci"]
+    assert 0.0 <= low < 0.5 < high <= 1.0
+    assert types["crack"]["image_auroc_ci"] == [1.0, 1.0]
+    lo, hi = types["uneven"]["recall_ci"]
+    assert 0.0 < lo < 0.5 < hi < 1.0
+    bare = defect_type_metrics(result, "top1", "c", threshold=None, resamples=0)
+    assert bare["uneven"] == {"n": 2, "image_auroc": 0.5, "image_auroc_ci": None}
+    only_bad = CategoryResult(samples[4:], labels[4:], {"top1": scores[4:]}, np.zeros((4, 2, 2)), None,
+                              np.ones(4, dtype=bool))
+    assert defect_type_metrics(only_bad, "top1", "c", threshold=2.5, resamples=10) == {}

@@ -291,6 +291,36 @@ def category_metrics(result: CategoryResult, image_score: str, category: str, lo
     return out
 
 
+def defect_type_metrics(result: CategoryResult, image_score: str, category: str, threshold: float | None,
+                        resamples: int, confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+    """Per defect type of a category's defective test images: how many there are, the image AUROC of that type's
+    images against all the good ones, with its ``confidence`` interval over ``resamples`` stratified resamples of
+    those images (seeded by category and type; none with 0), and at the operating point (``threshold``) the share
+    of them flagged with its exact binomial interval. Which kinds of defect a detector misses is what the category's
+    AUROC hides. Empty without good test images."""
+    labels, scores = result.labels, result.scores[image_score]
+    types = np.array([s.defect_type for s in result.samples])
+    good = labels == 0
+    out: dict[str, dict[str, Any]] = {}
+    if not good.any():
+        return out
+    for kind in sorted(set(types[labels == 1].tolist())):
+        mine = (labels == 1) & (types == kind)
+        sel = good | mine
+        record: dict[str, Any] = {"n": int(mine.sum()), "image_auroc": metrics.auroc(labels[sel], scores[sel]),
+                                  "image_auroc_ci": None}
+        if resamples:
+            counts = uncertainty.resample_counts(labels[sel], resamples, seed=zlib.crc32(f"{category}/{kind}".encode()))
+            values = uncertainty.resampled_metrics(labels[sel], scores[sel], counts)["image_auroc"]
+            record["image_auroc_ci"] = _interval(uncertainty.interval(values, confidence))
+        if threshold is not None:
+            caught = int((scores[mine] >= threshold).sum())
+            record.update(recall=caught / record["n"],
+                          recall_ci=_interval(metrics.binomial_interval(caught, record["n"], confidence)))
+        out[kind] = record
+    return out
+
+
 def _throughput(images: int, seconds: float) -> float | None:
     """Images per second, rounded (None when nothing was timed)."""
     return round(images / seconds, 1) if seconds > 0 else None
@@ -350,6 +380,11 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples, cal.threshold)
             ev.resamples.update(resample_record(model_name, cat, result, resampled[cat]))
             per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
+            per_cat[cat]["by_defect_type"] = defect_type_metrics(result, score, cat, cal.threshold,
+                                                                 ev_params.bootstrap_resamples, ev_params.confidence)
+            log(f"[{method}] {model_name}/{cat}: image AUROC by defect type: " + ", ".join(
+                f"{kind} {m['image_auroc']:.3f} ({m['n']})" for kind, m in per_cat[cat]["by_defect_type"].items()
+                if m["image_auroc"] is not None))
             per_cat[cat].update(scoring_seconds=round(result.scoring_seconds, 3),
                                 scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds),
                                 validation_seconds=round(validation_seconds, 3),

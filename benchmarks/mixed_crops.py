@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aead.data.mvtec import list_images, read_image
+from aead.data.mvtec import list_images, read_image, read_mask
 
 
 def random_box(rng: np.random.Generator, height: int, width: int, heights: tuple[int, int],
@@ -63,7 +63,7 @@ def main() -> None:
     for folder in sorted(p for p in (src / "test").iterdir() if p.is_dir() and p.name != "good"):
         for path in list_images(folder):
             image = read_image(path)[..., 0]
-            mask = read_image(src / "ground_truth" / folder.name / f"{path.stem}_mask.png")[..., 0] > 127
+            mask = read_mask(src / "ground_truth" / folder.name / f"{path.stem}_mask.png", image.shape)
             total = int(mask.sum())
             for n in range(a.defect_crops):
                 for _ in range(10_000):

@@ -380,11 +380,12 @@ def evaluate(params: Params, method: Method, models_root: Path, log: Log = print
             resampled[cat] = bootstrap(result, score, cat, ev_params.bootstrap_resamples, cal.threshold)
             ev.resamples.update(resample_record(model_name, cat, result, resampled[cat]))
             per_cat[cat] = category_metrics(result, score, cat, log, cal, resampled[cat], ev_params.confidence)
-            per_cat[cat]["by_defect_type"] = defect_type_metrics(result, score, cat, cal.threshold,
-                                                                 ev_params.bootstrap_resamples, ev_params.confidence)
-            log(f"[{method}] {model_name}/{cat}: image AUROC by defect type: " + ", ".join(
-                f"{kind} {m['image_auroc']:.3f} ({m['n']})" for kind, m in per_cat[cat]["by_defect_type"].items()
-                if m["image_auroc"] is not None))
+            by_type = defect_type_metrics(result, score, cat, cal.threshold, ev_params.bootstrap_resamples,
+                                          ev_params.confidence)
+            per_cat[cat]["by_defect_type"] = by_type
+            if by_type:
+                log(f"[{method}] {model_name}/{cat}: image AUROC by defect type: " + ", ".join(
+                    f"{kind} {m['image_auroc']:.3f} ({m['n']})" for kind, m in by_type.items()))
             per_cat[cat].update(scoring_seconds=round(result.scoring_seconds, 3),
                                 scoring_images_per_second=_throughput(len(result.labels), result.scoring_seconds),
                                 validation_seconds=round(validation_seconds, 3),

@@ -84,8 +84,9 @@ def main() -> None:
                 for s in range(0, len(images), batch):
                     run(images[s : s + batch])
                 times[(name, batch)].append((time.perf_counter() - start) / len(images))
+    map_shape = onnx(images[:1])[2].shape[1:]
     print(f"{model}/{args.category} ({index['method']} map, {images.shape[2]}x{images.shape[1]} images, map "
-          f"{'x'.join(map(str, onnx.map_shape[::-1]))}), torch {torch.get_num_threads()} threads, median of "
+          f"{'x'.join(map(str, map_shape[::-1]))}), torch {torch.get_num_threads()} threads, median of "
           f"{args.rounds} rounds of {len(images)} images:")
     print("| runtime | " + " | ".join(f"batch {b}: ms/image | images/s" for b in args.batch_sizes) + " |")
     print("|---|" + "---|---|" * len(args.batch_sizes))

@@ -69,6 +69,7 @@ def end_to_end(images: int, size: int) -> dict:
     from aead.models.memory_bank import fill_pretrained_bank, pretrained_memory
     from aead.params import load_params
     from aead.models.scoring import AnomalyMapper
+    from aead.data.mvtec import Geometry
 
     params = load_params(REPO / "params.yaml").pretrained
     rng = np.random.default_rng(0)
@@ -79,7 +80,8 @@ def end_to_end(images: int, size: int) -> dict:
                                          log=lambda m: None)
     build = time.perf_counter() - start
     build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mapper = AnomalyMapper(("pretrained",), (size, size), 1.0, 1.5, params.smooth_sigma, pretrained=memory).eval()
+    mapper = AnomalyMapper(("pretrained",), (size, size), 1.0, 1.5, params.smooth_sigma, pretrained=memory,
+                           geometry=Geometry("shape", (size, size), 1, 1, 1)).eval()
     test = min(images, 48)
     x = torch.from_numpy(train[:test]).permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
     batches = sorted({params.batch_size, *SCORING_BATCHES})

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aead.data.mvtec import Geometry
 from aead.deploy.export import build_detector, export_all
 from test_predict import pipeline  # noqa: F401  (module fixture: a trained, calibrated tiny pipeline)
 
@@ -60,7 +61,11 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         point = index["operating_points"][key]  # the threshold it applies and the rate it guarantees
         assert point["raw_threshold"] == eager.calibration.threshold and point["normalized_threshold"] == 0.5
         assert point["raw_pixel_threshold"] == point["raw_threshold"]
-        assert tuple(point["map_shape"]) == eager.mapper.out_shape  # the map's shape, before resizing to the input
+        geometry = eager.mapper.geometry  # how an input becomes the map's grid, before resizing to the input
+        if geometry is None:
+            assert tuple(point["map_shape"]) == eager.mapper.out_shape and "geometry" not in point
+        else:
+            assert Geometry.from_dict(point["geometry"]) == geometry and "map_shape" not in point
         assert point["false_alarm_rate_target"] == params.evaluate.false_alarm_rate
         assert point["guaranteed_false_alarm_rate"] == pytest.approx(1 / (point["n_calibration_good"] + 1))
         assert index["calibrations"][key] == eager.calibration.to_dict()
@@ -78,11 +83,17 @@ def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa:
         images = real_images(root)
         batches = [as_batch(p) for p in images]
         batches.append(torch.cat([batches[-1], batches[-1].flip(1), batches[-1].flip(2)]))  # several images at once
+        batches += [batches[0].repeat(1, 1, 16, 1), batches[0].repeat(1, 16, 1, 1)]  # strips 16 times as wide / tall
         for batch in batches:
             with torch.no_grad():
                 a, b = eager(batch), scripted(batch)
             c = session.run(None, {"images": batch.numpy()})
-            assert a[0].dtype == a[1].dtype == torch.float64 and a[2].shape == (len(batch), *eager.mapper.out_shape)
+            h, w = batch.shape[1:3]
+            expected = eager.mapper.out_shape if geometry is None else geometry.of(h, w)
+            assert a[0].dtype == a[1].dtype == torch.float64 and a[2].shape == (len(batch), *expected)
+            if geometry is not None and geometry.mode == "scale":  # each side scaled by one factor: the aspect kept
+                for side, n in zip(expected, (h, w)):
+                    assert abs(side - n * geometry.num / geometry.den) <= geometry.multiple / 2
             torch.testing.assert_close(b[0], a[0], rtol=0, atol=1e-4)
             torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(b[2], a[2], rtol=0, atol=1e-4)

@@ -94,3 +94,23 @@ def test_predict_scores_every_size_with_maps_at_their_own_size(strips, tmp_path)
         assert row["error"] == "" and np.isfinite(float(row["raw_score"]))
         assert Image.open(row["heatmap"]).size == (w, h)
         assert Image.open(row["mask"]).size == (w, h)
+
+
+def test_at_one_pixel_scale_every_image_is_scored_on_its_own_map(strips, tmp_path):
+    """The training strips come in several working shapes at one scale (not stretched to one), and `aead predict` gives
+    each test image the raw score the evaluation stage gave it: both score each image on its own map."""
+    work, built, ev = strips
+    record = built["categories"]["strip"]
+    assert record["images"] == len(TRAIN_SHAPES) - 1  # one held out for validation
+    assert record["working_shapes"] >= 3  # (16, 256) x 5 and three others, one of which may be the validation image
+    result = ev.results["pretrained"]["strip"]
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "aead", "predict", str(work / "data" / "strip" / "test"),
+                           "--category", "strip", "--model", "pretrained", "--method", "pretrained",
+                           "--params", str(work / "params.yaml"), "--models-root", str(work / "models"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    raw = {Path(r["path"]).resolve(): float(r["raw_score"]) for r in csv.DictReader(open(out / "predictions.csv"))}
+    params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
+    for sample, score in zip(result.samples, result.scores[params.evaluate.image_score]):
+        assert raw[Path(sample.path).resolve()] == pytest.approx(score, rel=1e-5)

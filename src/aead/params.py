@@ -202,6 +202,7 @@ class PretrainedParams:
     backbone: str
     layers: tuple[str, ...]
     image_size: int
+    geometry: Literal["scale", "shape"]
     border_padding: int
     neighbourhood: int
     coreset_ratio: float

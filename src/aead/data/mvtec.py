@@ -155,8 +155,11 @@ Shape = tuple[int, int]
 
 
 def as_shape(size: int | Shape) -> Shape:
-    """``(height, width)`` of a square ``size`` or of an explicit shape."""
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """``(height, width)`` of a square ``size`` or of an explicit shape (an exported graph's symbolic sizes kept as
+    they are)."""
+    if isinstance(size, int):
+        return size, size
+    return tuple(v if isinstance(v, torch.SymInt) else int(v) for v in size[:2])  # type: ignore[return-value]
 
 
 def working_shape(height: int, width: int, short_side: int, multiple: int = 8) -> Shape:
@@ -188,6 +191,86 @@ def category_shape(samples: Sequence[Sample], short_side: int, multiple: int = 8
     shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)
     ratio = float(np.median(shapes[:, 1] / shapes[:, 0]))  # width / height
     return working_shape(1000, max(1, round(1000 * ratio)), short_side, multiple)
+
+
+GEOMETRIES = ("scale", "shape")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a category's images are resized for the pretrained map.
+
+    ``shape``: every image to the category's working ``shape`` (:func:`category_shape`), whatever its own size.
+    ``scale``: every image by the one factor ``num / den`` (the short side ``image_size`` over the median short side
+    of the training images), each side rounded to a multiple of ``multiple`` (half up, at least one ``multiple``), so
+    a patch covers the same pixels in every image: crops of one camera in many sizes keep their texture's scale, and a
+    long strip keeps its length. On a category of one image size both give the same shape. ``shape`` is also the grid
+    the evaluation compares maps and masks on (:meth:`of` gives each image's own)."""
+
+    mode: str
+    shape: Shape
+    num: int
+    den: int
+    multiple: int
+
+    def of(self, height: int, width: int) -> Shape:
+        """The working shape of an image of ``height`` x ``width`` pixels."""
+        if self.mode == "shape":
+            return self.shape
+        return self.side(height), self.side(width)
+
+    def side(self, n: int) -> int:
+        """One side of ``n`` pixels at the scale, in integer arithmetic (the exported graphs compute the same)."""
+        return max(1, (2 * n * self.num + self.den * self.multiple) // (2 * self.den * self.multiple)) * self.multiple
+
+    def to_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "shape": list(self.shape), "num": self.num, "den": self.den,
+                "multiple": self.multiple}
+
+    @classmethod
+    def from_dict(cls, record: dict[str, object]) -> Geometry:
+        shape = record["shape"]
+        return cls(str(record["mode"]), (int(shape[0]), int(shape[1])), int(record["num"]), int(record["den"]),
+                   int(record["multiple"]))
+
+
+def category_geometry(samples: Sequence[Sample], short_side: int, mode: str, multiple: int = 8) -> Geometry:
+    """The :class:`Geometry` of a category from its training images ``samples``: its working shape
+    (:func:`category_shape`) and the scale that takes their median short side to ``short_side``."""
+    if mode not in GEOMETRIES:
+        raise DataError(f"geometry: expected one of {', '.join(GEOMETRIES)}, got {mode!r}")
+    if not samples:
+        raise DataError("category_geometry: no images to measure")
+    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.int64)
+    twice_median_short = int(round(2 * float(np.median(shapes.min(axis=1)))))  # a whole number: medians end in .0 or .5
+    return Geometry(mode, category_shape(samples, short_side, multiple), 2 * short_side, twice_median_short, multiple)
+
+
+def load_geometry(samples: list[Sample], geometry: Geometry, with_masks: bool, workers: int = 4
+                  ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray | None]:
+    """The images of ``samples`` at ``geometry``: one (N, H, W, 3) uint8 array when they all have one working shape,
+    else a list of (H_i, W_i, 3) arrays at each image's own; and with ``with_masks`` the masks (N, H, W) at
+    ``geometry.shape`` (the grid the evaluation compares maps and masks on)."""
+    if geometry.mode == "shape":
+        loaded = load_split(samples, geometry.shape, with_masks=with_masks, workers=workers)
+        return loaded.images, loaded.masks
+
+    def load(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+        image = read_image(sample.path)
+        mask = None
+        if with_masks:
+            mask = np.zeros(geometry.shape, dtype=bool)
+            if sample.mask_path:
+                mask = resize_mask(read_mask(sample.mask_path, image.shape[:2]), geometry.shape)
+        return resize_image(image, geometry.of(*image.shape[:2])), mask
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = list(pool.map(load, samples))
+    masks = np.stack([m for _, m in loaded]).astype(np.uint8) if with_masks and loaded else None
+    images = [image for image, _ in loaded]
+    if images and len({image.shape for image in images}) == 1:
+        return np.stack(images), masks
+    return images, masks
 
 
 def resize_image(image: np.ndarray, size: int | Shape) -> np.ndarray:

@@ -7,7 +7,9 @@
 Both take one input, ``images``: uint8 (N, H, W, 3) RGB, any batch size and any height and width (all images of one
 batch the same size; repeat a grayscale image to 3 channels first), and return ``(score, raw_score, anomaly_map)``:
 (N,) float64 scores normalised so the calibrated threshold is 0.5 (0.5 and above = anomalous), (N,) float64 raw image
-scores, and (N, h, w) float32 anomaly maps at the map's working shape (``map_shape`` in the index).
+scores, and (N, h, w) float32 anomaly maps at the input's working shape: for the pretrained map its
+``geometry`` in the index (with ``scale``, the input's own size times one factor, so a long strip gets a long map),
+for the others ``map_shape``.
 The graph resizes and computes maps with the same functions as the pipeline (``data.resize_batch``,
 :class:`aead.models.scoring.AnomalyMapper`, :func:`aead.evaluation.calibration.normalize_scores`), so its scores equal
 those of the evaluation stages and of `aead predict` up to float rounding. The memory banks travel inside the files as
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from aead import io
-from aead.data.mvtec import resize_batch
+from aead.data.mvtec import Geometry, resize_batch
 from aead.deploy.predict import load_trained
 from aead.evaluation.calibration import Calibration, normalize_scores
 from aead.models import maps
@@ -60,11 +62,32 @@ class Detector(nn.Module):
             size = (self.image_size, self.image_size)
             x_ae = (resize_batch(x, size) / 255.0).contiguous(memory_format=memory_format())
         if self.mapper.needs_pretrained_input:
-            x_pre = (resize_batch(x, self.mapper.out_shape) / 255.0).contiguous(memory_format=memory_format())
+            shape = working_shape_of(self.mapper.geometry, x.shape[2], x.shape[3])
+            x_pre = (resize_batch(x, shape) / 255.0).contiguous(memory_format=memory_format())
         amap = self.mapper(x_ae, x_pre)
         raw = maps.image_scores(amap, smooth_sigma=0.0)[self.image_score].double()
         cal = self.calibration
         return normalize_scores(raw, cal.threshold, cal.low, cal.high), raw, amap
+
+
+def working_shape_of(geometry: Geometry | None, height: Any, width: Any) -> tuple[Any, Any]:
+    """The working shape of an input of ``height`` x ``width`` (ints, or an exported graph's symbolic sizes), as
+    :meth:`Geometry.of` computes it. At one pixel scale the sides are computed as integer tensors and read back as
+    new unbacked sizes checked to lie in range: the backbone's shapes then stay simple multiples of those sizes, where
+    the expression of the rounded scale carried through every layer makes ``torch.export`` stall."""
+    assert geometry is not None
+    if geometry.mode == "shape":
+        return geometry.shape
+    if isinstance(height, int) and isinstance(width, int):
+        return geometry.of(height, width)
+    m, num, den = geometry.multiple, geometry.num, geometry.den
+    sides = []
+    for n in (height, width):
+        k = ((torch.full((), n, dtype=torch.int64) * (2 * num) + den * m) // (2 * den * m)).clamp(min=1).item()
+        torch._check(k >= 1)
+        torch._check(k <= MAX_SIDE)
+        sides.append(k * m)
+    return sides[0], sides[1]
 
 
 def build_detector(params: Params, models_root: Path, model: str, category: str, method: str) -> Detector:
@@ -133,8 +156,11 @@ def export_all(params: Params, models_root: Path, out_dir: Path, method: str) ->
                     files["onnx"] = f"{model}-{category}.onnx"
                     save_onnx(program, side, tmp / files["onnx"])
                 index["files"][key] = files
+                geometry = detector.mapper.geometry
                 index["operating_points"][key] = {
-                    **operating_point_record(detector.calibration), "map_shape": list(detector.mapper.out_shape)}
+                    **operating_point_record(detector.calibration),
+                    **({"map_shape": list(detector.mapper.out_shape)} if geometry is None else
+                       {"geometry": geometry.to_dict()})}
                 index["calibrations"][key] = detector.calibration.to_dict()
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return index

@@ -4,7 +4,7 @@ numpy and Pillow only, no torch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,8 @@ from aead.evaluation.calibration import Calibration
 
 CSV_COLUMNS = ("path", "relative_path", "category", "score", "verdict", "raw_score", "heatmap", "mask", "error")
 
-# scores a list of decoded images: (raw image scores (N,), anomaly maps (N, h, w)) at the map's working shape
-ScoreImages = Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]]
+# scores a list of decoded images: (raw image scores (N,), each image's anomaly map (h, w) at its working shape)
+ScoreImages = Callable[[list[np.ndarray]], tuple[np.ndarray, Sequence[np.ndarray]]]
 
 
 @dataclass(frozen=True)

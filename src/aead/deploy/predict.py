@@ -89,10 +89,14 @@ def load_trained(params: Params, models_root: Path, model: str, category: str, m
 
 
 def mapper_inputs(mapper: AnomalyMapper, originals: list[np.ndarray], ae_size: int) -> Inputs:
-    """Original images (any size) resized to each shape ``mapper`` needs, as the pipeline's prepared images are."""
+    """Original images (any size) resized to each shape ``mapper`` needs, as the pipeline's prepared images are (the
+    pretrained map's at its geometry: one array when they share a working shape, else a list)."""
     ae = np.stack([resize_image(img, ae_size) for img in originals]) if mapper.needs_autoencoder_input else None
-    pre = (np.stack([resize_image(img, mapper.out_shape) for img in originals])
-           if mapper.needs_pretrained_input else None)
+    pre = None
+    if mapper.needs_pretrained_input:
+        assert mapper.geometry is not None
+        resized = [resize_image(img, mapper.geometry.of(*img.shape[:2])) for img in originals]
+        pre = np.stack(resized) if len({r.shape for r in resized}) == 1 else resized
     return Inputs(ae, pre)
 
 
@@ -105,9 +109,10 @@ def predict(inputs: Iterable[str | Path], model: str, category: str, method: str
     autocast, _ = autocast_for(device, params.model.precision, params.model.deterministic)
     batch = scoring_batch_size(params, method)
 
-    def score(originals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def score(originals: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         scored = score_inputs(mapper, mapper_inputs(mapper, originals, params.data.image_size), batch, device,
-                              autocast)
-        return scored.scores[params.evaluate.image_score], scored.maps
+                              autocast, own_maps=True)
+        assert scored.own is not None
+        return scored.scores[params.evaluate.image_score], scored.own
 
     return score_files(inputs, score, cal, batch, category, out_dir, log)

@@ -64,7 +64,6 @@ class OnnxDetector:
             raise CheckpointError(f"{path}: not found although {export_dir / 'index.json'} lists it; rerun the export "
                                   "stage (dvc repro), or dvc pull")
         self.calibration = Calibration.from_dict(index["calibrations"][self.key])
-        self.map_shape = tuple(index["operating_points"][self.key]["map_shape"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -74,16 +73,18 @@ class OnnxDetector:
         score, raw, amap = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.uint8)})
         return score, raw, amap
 
-    def score_images(self, originals: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (N,) and anomaly maps (N, h, w) of images of any sizes: runs of equal size go in one batch."""
+    def score_images(self, originals: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Raw scores (N,) and each image's anomaly map (h, w) at its working shape, of images of any sizes: runs of
+        equal size go in one batch."""
         raw = np.empty(len(originals), dtype=np.float64)
-        maps = np.empty((len(originals), *self.map_shape), dtype=np.float32)
+        maps: list[np.ndarray] = []
         start = 0
         while start < len(originals):
             end = start + 1
             while end < len(originals) and originals[end].shape == originals[start].shape:
                 end += 1
-            _, raw[start:end], maps[start:end] = self(np.stack(originals[start:end]))
+            _, raw[start:end], batch_maps = self(np.stack(originals[start:end]))
+            maps.extend(batch_maps)
             start = end
         return raw, maps
 

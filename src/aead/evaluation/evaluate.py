@@ -20,7 +20,7 @@ import torch
 from aead.evaluation import metrics, uncertainty
 from aead.evaluation.calibration import Calibration, calibrate
 from aead.training.checkpoint import find_checkpoint, load_checkpoint, load_encoder_bank, load_head, load_pretrained_bank
-from aead.data.mvtec import Sample, Split, categories_of, load_split, read_split
+from aead.data.mvtec import Geometry, Sample, Split, categories_of, load_geometry, read_split, resize_image
 from aead.errors import CheckpointError, DataError
 from aead.params import (PRETRAINED, MethodName, Params, missing_components, models_of, params_record,
                          parts_of)
@@ -81,7 +81,7 @@ class TrainedModels:
         what is missing and how to get it."""
         params, device = self.params, self.device
         parts = parts_of(method, params.evaluate)
-        ae = head = memory = pretrained = None
+        ae = head = memory = pretrained = geometry = None
         out_shape = (params.data.image_size, params.data.image_size)
         if model != PRETRAINED:
             path = find_checkpoint(self.root / model, category)
@@ -96,11 +96,21 @@ class TrainedModels:
         if "pretrained" in parts:
             pre_path = self.root / "pretrained" / f"{category}.pt"
             pretrained, meta = self._get("pretrained", pre_path, lambda: load_pretrained_bank(pre_path, device))
-            out_shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+            geometry = bank_geometry(meta)
+            out_shape = geometry.shape
         ev = params.evaluate
         mapper = AnomalyMapper(parts, out_shape, ev.smooth_sigma, ev.ssim_window_sigma, params.pretrained.smooth_sigma,
-                               autoencoder=ae, head=head, memory=memory, pretrained=pretrained)
+                               autoencoder=ae, head=head, memory=memory, pretrained=pretrained, geometry=geometry)
         return mapper.to(device).eval()
+
+
+def bank_geometry(meta: dict[str, Any]) -> Geometry:
+    """The :class:`Geometry` a pretrained bank was built at (banks written before geometries were recorded resized every
+    image to their ``shape``)."""
+    if "geometry" in meta:
+        return Geometry.from_dict(meta["geometry"])
+    shape = (int(meta["shape"][0]), int(meta["shape"][1]))
+    return Geometry("shape", shape, 1, 1, 1)
 
 
 def require_trained(params: Params, method: str) -> None:
@@ -112,13 +122,13 @@ def require_trained(params: Params, method: str) -> None:
 
 def category_inputs(mapper: AnomalyMapper, prepared: Split, with_masks: bool = False) -> tuple[Inputs, np.ndarray | None]:
     """The images of one category's prepared split at each shape ``mapper`` needs (the autoencoder's from the
-    prepared cache, the pretrained bank's decoded from the files), and with ``with_masks`` the masks at the map's
-    shape."""
+    prepared cache, the pretrained bank's decoded from the files at its geometry), and with ``with_masks`` the masks
+    at the map's ``out_shape``."""
     ae = prepared.images if mapper.needs_autoencoder_input else None
     pre, masks = None, None
     if mapper.needs_pretrained_input:
-        loaded = load_split(prepared.samples, mapper.out_shape, with_masks=with_masks)
-        pre, masks = loaded.images, loaded.masks
+        assert mapper.geometry is not None
+        pre, masks = load_geometry(prepared.samples, mapper.geometry, with_masks=with_masks)
     elif with_masks and prepared.masks is not None:
         masks = np.asarray(prepared.masks, dtype=bool)
     return Inputs(ae, pre), (None if masks is None else np.asarray(masks, dtype=bool))
@@ -155,7 +165,9 @@ def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: In
     fusions of them), its reconstructions."""
     source = inputs.pretrained if inputs.pretrained is not None else inputs.autoencoder
     for i in keep.tolist():
-        result.images[i] = np.asarray(source[i])
+        image = np.asarray(source[i])
+        shown = mapper.out_shape if source is inputs.pretrained else image.shape[:2]
+        result.images[i] = resize_image(image, shown)  # at one pixel scale, its own shape resized to the map's
     uses_recon = any(part in RECONSTRUCTION_PARTS for part in mapper.parts)
     if uses_recon and mapper.autoencoder is not None and inputs.autoencoder is not None:
         x = torch.from_numpy(np.ascontiguousarray(inputs.autoencoder[keep])).permute(0, 3, 1, 2).float().to(device)

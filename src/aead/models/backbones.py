@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +95,7 @@ RESNET_CHANNELS = MappingProxyType({"resnet18": (64, 128, 256, 512), "wide_resne
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TensorFlow "SAME" padding (before, after) of one side of ``size`` pixels."""
-    total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+    total = max(((size + stride - 1) // stride - 1) * stride + kernel - size, 0)  # ceil in integers: cheap to export
     return total // 2, total - total // 2
 
 

@@ -10,6 +10,7 @@ scikit-image's SSIM uses. (torch's own ``'reflect'`` padding is scipy's ``'mirro
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +58,16 @@ def gaussian_kernel1d(
 def _pad_index(n: int, pad: int, mode: str, device: torch.device) -> torch.Tensor:
     """Source indices for a length-``n`` axis extended by ``pad`` on both sides (any ``pad``)."""
     i = torch.arange(-pad, n + pad, device=device)
-    if mode == "nearest" or n == 1:
+    if mode == "nearest" or (isinstance(n, int) and n == 1):
         return i.clamp(0, n - 1)
+    size = torch.full((), n, dtype=torch.int64, device=device)  # a tensor, so an exported graph's symbolic n works too
     if mode == "reflect":  # d c b a | a b c d | d c b a
-        j = i.remainder(2 * n)
-        return torch.where(j >= n, 2 * n - 1 - j, j)
+        j = i.remainder(2 * size)
+        return torch.where(j >= size, 2 * size - 1 - j, j)
     if mode == "mirror":  # d c b | a b c d | c b a
-        period = 2 * n - 2
+        period = 2 * size - 2
         j = i.remainder(period)
-        return torch.where(j >= n, period - j, j)
+        return torch.where(j >= size, period - j, j)
     raise ParamsError(f"unknown padding mode {mode!r}; use one of {_PAD_MODES}")
 
 
@@ -115,7 +117,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: st
     ``scipy.ndimage.gaussian_filter(x, sigma, mode=mode, truncate=truncate)``
     applied per plane. ``mode`` is 'reflect' (default), 'mirror' or 'nearest'
     in scipy's sense. ``sigma <= 0`` returns ``x`` unchanged. Axes up to ``MATMUL_BLUR_MAX`` pixels
-    are blurred as ``M_h @ x @ M_w^T`` (see ``blur_matrix``), larger ones by 1-D convolutions.
+    are blurred as ``M_h @ x @ M_w^T`` (see ``blur_matrix``), larger ones, and symbolic sizes (an exported graph
+    whose map size follows its input's), by 1-D convolutions.
     """
     _check_float(x, "x", 2)
     if sigma <= 0:
@@ -123,7 +126,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: st
     if mode not in _PAD_MODES:
         raise ParamsError(f"unknown padding mode {mode!r}; use one of {_PAD_MODES}")
     h, w = x.shape[-2], x.shape[-1]
-    if max(h, w) <= MATMUL_BLUR_MAX:
+    if isinstance(h, int) and isinstance(w, int) and max(h, w) <= MATMUL_BLUR_MAX:
         mh = blur_matrix(h, sigma, truncate, mode, dtype=x.dtype, device=x.device)
         mw = mh if w == h else blur_matrix(w, sigma, truncate, mode, dtype=x.dtype, device=x.device)
         return torch.matmul(torch.matmul(mh, x), mw.T)
@@ -239,7 +242,11 @@ def image_scores(
     if not 0.0 < top_fraction <= 1.0:
         raise ParamsError(f"top_fraction must be in (0, 1], got {top_fraction}")
     flat = error_map.flatten(1)
-    k = min(flat.shape[1], max(1, math.ceil(top_fraction * flat.shape[1] - 1e-9)))
+    fraction = Fraction(top_fraction).limit_denominator(1_000_000)
+    # ceil in integers of positive numbers: exact, and exportable (ONNX divides integers toward zero, not down)
+    k = (flat.shape[1] * fraction.numerator + fraction.denominator - 1) // fraction.denominator
+    if isinstance(k, int):  # a symbolic size (an exported graph) has k between 1 and its pixels already
+        k = min(flat.shape[1], max(1, k))
     return {
         "mean": flat.mean(dim=1),
         "top1": flat.topk(k, dim=1).values.mean(dim=1),

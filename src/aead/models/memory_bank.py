@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from aead import io
 from aead.models.backbones import build_backbone
 from aead.training.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
-from aead.data.mvtec import Sample, Shape, category_shape, load_split, read_manifest, read_split, to_float, to_tensor
+from aead.data.mvtec import (Geometry, Sample, Shape, category_geometry, image_shape, load_geometry, read_manifest,
+                             read_split, to_float, to_tensor)
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
 from aead.models.scoring import mean_and_peak_scale
@@ -113,10 +114,33 @@ def select_coreset(features: Tensor, method: str, ratio: float, max_size: int, s
     raise ValueError(f"unknown coreset method {method!r}; use one of {', '.join(CORESET_METHODS)}")
 
 
-def _batches(images: np.ndarray, batch_size: int, device: torch.device) -> Iterable[Tensor]:
-    """Float NCHW batches of uint8 NHWC ``images``, one at a time (the images may be memory-mapped)."""
-    for s in range(0, len(images), batch_size):
-        yield to_float(to_tensor(images[s : s + batch_size], device))
+Images = np.ndarray | Sequence[np.ndarray]  # uint8 (N, H, W, 3), or (H_i, W_i, 3) images of several sizes
+
+
+def shape_runs(images: Images, batch_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive batches of at most ``batch_size`` of ``images``, each of one image size."""
+    if isinstance(images, np.ndarray):
+        for s in range(0, len(images), batch_size):
+            yield s, min(s + batch_size, len(images))
+        return
+    start = 0
+    while start < len(images):
+        stop = start + 1
+        while stop < len(images) and stop - start < batch_size and images[stop].shape == images[start].shape:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+def stack(images: Images, start: int, stop: int) -> np.ndarray:
+    """Images ``start:stop`` (of one size) as one uint8 (n, H, W, 3) array."""
+    return images[start:stop] if isinstance(images, np.ndarray) else np.stack(images[start:stop])
+
+
+def _batches(images: Images, batch_size: int, device: torch.device) -> Iterable[Tensor]:
+    """Float NCHW batches of uint8 ``images``, one size per batch, one at a time (the images may be memory-mapped)."""
+    for start, stop in shape_runs(images, batch_size):
+        yield to_float(to_tensor(stack(images, start, stop), device))
 
 
 def _collect(extract: Callable[[Tensor], Tensor], batches: Iterable[Tensor]) -> tuple[Tensor, int]:
@@ -166,34 +190,48 @@ def _rows_of(positions: np.ndarray | None, start: int, count: int) -> Tensor | s
 
 class CoresetStream:
     """One process's part of a streamed bank: the running coreset of the patches it has seen and the discriminator's
-    sample of them, in buffers allocated once (at the first patches, when their number per image is known). Its memory
-    is ``(bank size + chunk_images x patches per image + its share of the sample) x channels`` floats whatever the
-    number of images, plus the greedy selection's 36 floats per buffered patch while it reduces.
+    sample of them, in buffers allocated once (at the first patches). Its memory is ``(bank size + chunk_images x the
+    most patches of an image + its share of the sample) x channels`` floats whatever the number of images, plus the
+    greedy selection's 36 floats per buffered patch while it reduces.
 
     Patches are numbered over all ``total_images`` images of the category (image by image), so the random draws (the
     ``random`` coreset and the sample, seeds ``seed`` and ``seed + 1``) do not depend on how the images are shared out
-    or chunked. ``add`` the patches of each chunk of at most ``chunk_images`` images of ``first_image:stop_image``, then
-    ``reduce``."""
+    or chunked. ``patch_counts``: each image's number of patches when images differ in size (None: every image has as
+    many as the first ``add`` shows). ``add`` the patches of each chunk of at most ``chunk_images`` images of
+    ``first_image:stop_image``, then ``reduce``."""
 
     def __init__(self, method: str, ratio: float, max_size: int, seed: int, sample_size: int | None,
-                 total_images: int, first_image: int, stop_image: int, chunk_images: int):
+                 total_images: int, first_image: int, stop_image: int, chunk_images: int,
+                 patch_counts: np.ndarray | None = None):
         if method not in CORESET_METHODS:
             raise ValueError(f"unknown coreset method {method!r}; use one of {', '.join(CORESET_METHODS)}")
+        if patch_counts is not None and len(patch_counts) != total_images:
+            raise ValueError(f"patch_counts: {len(patch_counts)} counts for {total_images} images")
         self.method, self.ratio, self.max_size, self.seed = method, ratio, max_size, seed
         self.sample_size, self.chunk_images = sample_size, chunk_images
         self.total_images, self.first_image, self.stop_image = total_images, first_image, stop_image
-        self.per_image = self.bank_size = self.filled = self.sampled = 0
+        self.offsets: np.ndarray | None = None
+        if patch_counts is not None:
+            self.offsets = np.concatenate([[0], np.cumsum(np.asarray(patch_counts, dtype=np.int64))])
+        self.bank_size = self.filled = self.sampled = 0
+        self.allocated = False
         self.buffer = self.sample = torch.empty(0, 0)
         self.bank_pick: np.ndarray | None = None
         self.sample_pick: np.ndarray | None = None
 
-    def _allocate(self, per_image: int, channels: int) -> None:
-        total = self.total_images * per_image
-        self.per_image = per_image
+    @property
+    def patches(self) -> int:
+        """The patches of all ``total_images`` images (known from the first ``add``)."""
+        return 0 if self.offsets is None else int(self.offsets[-1])
+
+    def _allocate(self, channels: int) -> None:
+        assert self.offsets is not None
+        total = self.patches
         self.bank_size = coreset_size(total, self.ratio, self.max_size)
-        lo, hi = self.first_image * per_image, self.stop_image * per_image
+        lo, hi = int(self.offsets[self.first_image]), int(self.offsets[self.stop_image])
         if self.method == "greedy":
-            capacity = self.bank_size + self.chunk_images * per_image
+            counts = np.diff(self.offsets[self.first_image : self.stop_image + 1])
+            capacity = self.bank_size + self.chunk_images * int(counts.max(initial=0))
         else:
             self.bank_pick = uniform_positions(total, self.bank_size, self.seed)
             capacity = hi - lo
@@ -206,10 +244,18 @@ class CoresetStream:
         self.sample = torch.empty(hi - lo if self.sample_pick is None else len(self.sample_pick), channels)
 
     def add(self, features: Tensor, images: int, first: int) -> None:
-        """The patch features (images x patches per image, C) of ``images`` images from image number ``first``."""
-        if self.per_image == 0:
-            self._allocate(features.shape[0] // images, features.shape[1])
-        start = first * self.per_image
+        """The patch features (the patches of ``images`` images one after the other, C) of ``images`` images from image
+        number ``first``."""
+        if self.offsets is None:
+            per_image = features.shape[0] // images
+            self.offsets = per_image * np.arange(self.total_images + 1, dtype=np.int64)
+        if not self.allocated:
+            self._allocate(features.shape[1])
+            self.allocated = True
+        start = int(self.offsets[first])
+        if int(self.offsets[first + images]) - start != features.shape[0]:
+            raise ValueError(f"images {first}:{first + images} have {int(self.offsets[first + images]) - start} "
+                             f"patches, got {features.shape[0]}")
         kept = features if self.method == "greedy" else features[_rows_of(self.bank_pick, start, features.shape[0])]
         if self.filled + kept.shape[0] > self.buffer.shape[0]:
             raise RuntimeError(f"more than chunk_images={self.chunk_images} images added before reduce()")
@@ -243,15 +289,17 @@ class StreamedBank:
     stats: BankStats
 
 
-LoadImages = Callable[[int, int], np.ndarray]
+LoadImages = Callable[[int, int], Images]
 
 
 @torch.inference_mode()
 def stream_bank(extract: Callable[[Tensor], Tensor], load_images: LoadImages, n_images: int, method: str,
                 ratio: float, max_size: int, seed: int, sample_size: int | None, chunk_images: int, batch_size: int,
-                device: torch.device, ctx: DistContext = SINGLE) -> StreamedBank | None:
-    """The bank of the patches ``extract`` finds in training images ``load_images(start, stop)`` (uint8 NHWC, images
-    ``start:stop`` of ``n_images``), built chunk by chunk (:class:`CoresetStream`), and a uniform sample of at most
+                device: torch.device, ctx: DistContext = SINGLE, patch_counts: np.ndarray | None = None
+                ) -> StreamedBank | None:
+    """The bank of the patches ``extract`` finds in training images ``load_images(start, stop)`` (uint8, images
+    ``start:stop`` of ``n_images``; ``patch_counts``, each image's patches, when they differ in size: see
+    :class:`CoresetStream`), built chunk by chunk (:class:`CoresetStream`), and a uniform sample of at most
     ``sample_size`` of the patches (None: all). A collective under ``torchrun``: each process streams its contiguous
     share of the images, and the main process gathers the shares' coresets and samples and, greedy, keeps a k-center
     coreset of their union; it returns the result, the other processes None."""
@@ -260,7 +308,7 @@ def stream_bank(extract: Callable[[Tensor], Tensor], load_images: LoadImages, n_
         raise DataError(f"{n_images} training images for {ctx.world_size} processes: each process needs at least one; "
                         "start fewer (pretrained.launcher)")
     lo, hi = shard(0, n_images, ctx)
-    stream = CoresetStream(method, ratio, max_size, seed, sample_size, n_images, lo, hi, chunk_images)
+    stream = CoresetStream(method, ratio, max_size, seed, sample_size, n_images, lo, hi, chunk_images, patch_counts)
     for first in range(lo, hi, chunk_images):
         images = load_images(first, min(first + chunk_images, hi))
         image = first
@@ -277,7 +325,7 @@ def stream_bank(extract: Callable[[Tensor], Tensor], load_images: LoadImages, n_
     bank = coresets
     if coresets.shape[0] > stream.bank_size:  # several processes' coresets (greedy)
         bank = coresets[greedy_coreset(coresets, stream.bank_size, seed)]
-    stats = BankStats(n_images, n_images * stream.per_image, bank.shape[0], time.perf_counter() - start)
+    stats = BankStats(n_images, stream.patches, bank.shape[0], time.perf_counter() - start)
     return StreamedBank(bank, sample, stats)
 
 
@@ -315,10 +363,10 @@ def finish_pretrained_bank(memory: PretrainedPatchMemory, streamed: StreamedBank
 
 
 @torch.inference_mode()
-def part_scales(memory: PretrainedPatchMemory, val_images: np.ndarray, device: torch.device, batch_size: int = 8
+def part_scales(memory: PretrainedPatchMemory, val_images: Images, device: torch.device, batch_size: int = 8
                 ) -> Tensor:
     """(2, 2): the mean and peak scale (:func:`aead.models.scoring.mean_and_peak_scale`) of the nearest-patch distance map
-    and of the discriminator's map over defect-free ``val_images`` (uint8 NHWC at the working shape), before the map
+    and of the discriminator's map over defect-free ``val_images`` (uint8, at their working shapes), before the map
     is smoothed (so ``pretrained.smooth_sigma`` stays a parameter of the scoring alone)."""
     if len(val_images) == 0:
         raise ValueError("the part scales need validation images")
@@ -326,8 +374,8 @@ def part_scales(memory: PretrainedPatchMemory, val_images: np.ndarray, device: t
     collected: list[list[Tensor]] = [[], []]
     for x in _batches(val_images, batch_size, device):
         for i, amap in enumerate(memory.part_maps(x)):
-            collected[i].append(amap.flatten(1).cpu())
-    return torch.stack([torch.stack(mean_and_peak_scale(torch.cat(c))) for c in collected]).float()
+            collected[i].extend(amap.flatten(1).cpu())
+    return torch.stack([torch.stack(mean_and_peak_scale(c)) for c in collected]).float()
 
 
 def build_banks_and_save(params: Params, model_name: str, models_root: Path, out_dir: Path,
@@ -370,11 +418,18 @@ def pretrained_memory(pretrained: PretrainedParams, bank_size: int = 0, channels
                                  bank_size, channels, pretrained.border_padding)
 
 
-def pretrained_shape(memory: PretrainedPatchMemory, image_size: int, train_samples: list[Sample]) -> Shape:
-    """The working shape of a category for the pretrained map: aspect ratio kept, short side ``image_size``, both
-    sides a multiple of the deepest chosen layer's stride."""
+def pretrained_geometry(memory: PretrainedPatchMemory, pre: PretrainedParams, train_samples: list[Sample]) -> Geometry:
+    """How a category's images are resized for the pretrained map (``pretrained.geometry``, :class:`Geometry`): short
+    side ``pretrained.image_size`` (each image's, or the median training image's at one pixel scale), both sides a
+    multiple of the deepest chosen layer's stride."""
     multiple = max(memory.backbone.stride(name) for name in memory.layers)
-    return category_shape(train_samples, image_size, multiple)
+    return category_geometry(train_samples, pre.image_size, pre.geometry, multiple)
+
+
+def patch_count(memory: PretrainedPatchMemory, shape: Shape) -> int:
+    """The patches :meth:`PretrainedPatchMemory.features` gives an image of working ``shape``: its finest layer's grid."""
+    stride = memory.backbone.stride(memory.layers[0])
+    return ((shape[0] + stride - 1) // stride) * ((shape[1] + stride - 1) // stride)
 
 
 def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = print,
@@ -406,17 +461,22 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                 raise DataError(f"{prepared}/val.csv: no validation images of category '{category}', which the "
                                 "pretrained map needs to put its discriminator and its bank on one scale; add good "
                                 "images, raise data.val_fraction, or set pretrained.discriminator_steps: 0")
-            shape = pretrained_shape(empty, pre.image_size, samples)
+            geometry = pretrained_geometry(empty, pre, samples)
+            shapes = [geometry.of(*image_shape(s.path)) for s in samples]
+            order = sorted(range(len(samples)), key=lambda i: shapes[i])  # stable: one-size categories keep their order
+            samples, shapes = [samples[i] for i in order], [shapes[i] for i in order]
             tag = f"pretrained/{category}"
-            log(f"[{tag}] {len(samples)} training images at {shape[0]}x{shape[1]}, read {pre.chunk_images} at a "
-                f"time by each of {ctx.world_size} process(es)")
+            sizes = len(set(shapes))
+            log(f"[{tag}] {len(samples)} training images at " + (f"{shapes[0][0]}x{shapes[0][1]}" if sizes == 1 else
+                f"{sizes} working shapes (one pixel scale, {geometry.num}/{geometry.den})") +
+                f", read {pre.chunk_images} at a time by each of {ctx.world_size} process(es)")
 
-            def load(start: int, stop: int, chosen: list[Sample] = samples, size: Shape = shape) -> np.ndarray:
-                return load_split(chosen[start:stop], size, with_masks=False).images
+            def load(start: int, stop: int, chosen: list[Sample] = samples, geo: Geometry = geometry) -> Images:
+                return load_geometry(chosen[start:stop], geo, with_masks=False)[0]
 
             streamed = stream_bank(empty.to(device).features, load, len(samples), pre.coreset_method, pre.coreset_ratio,
                                    pre.max_bank_size, pre.seed, pre.discriminator_patches, pre.chunk_images,
-                                   pre.batch_size, device, ctx)
+                                   pre.batch_size, device, ctx, np.array([patch_count(empty, s) for s in shapes]))
             if streamed is None:  # not the main process: it finishes the category
                 continue
             fit = None
@@ -430,10 +490,10 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                                                            fit_discriminator=fit)
             del streamed
             memory.index_bank(pre.search_dim, pre.search_candidates)
-            record: dict[str, Any] = {"shape": list(shape), **stats.to_dict()}
+            record: dict[str, Any] = {"shape": list(geometry.shape), "working_shapes": sizes, **stats.to_dict()}
             if fitted is not None:
                 start = time.perf_counter()
-                val_images = load_split(val_samples, shape, with_masks=False).images
+                val_images = load_geometry(val_samples, geometry, with_masks=False)[0]
                 scales_t = part_scales(memory, val_images, device, pre.batch_size)
                 with torch.inference_mode():
                     memory.part_scales.copy_(scales_t)
@@ -445,7 +505,8 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                                "part_scales_seconds": round(time.perf_counter() - start, 2),
                                "part_scales": [[round(v, 6) for v in row] for row in scales]})
             save_pretrained_bank(tmp_dir / f"{category}.pt", memory.cpu(),
-                                 {**dataclasses.asdict(pre), "shape": list(shape), "categories": [category]})
+                                 {**dataclasses.asdict(pre), "shape": list(geometry.shape),
+                                  "geometry": geometry.to_dict(), "categories": [category]})
             metrics["categories"][category] = record
     if not ctx.is_main:
         return {}

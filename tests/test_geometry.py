@@ -4,6 +4,8 @@ map."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,14 +31,16 @@ def samples_of(tmp_path, shapes: list[tuple[int, int]]) -> list[Sample]:
 def test_one_pixel_scale_scales_every_side_by_one_factor(tmp_path):
     train = samples_of(tmp_path, [(100, 300), (140, 420), (120, 150), (90, 400), (500, 120)])
     geo = category_geometry(train, 224, "scale", 16)
-    assert (geo.num, geo.den) == (448, 240)  # 224 over the median short side, 120
-    assert geo.shape == category_shape(train, 224, 16)  # the grid maps and masks are compared on
-    assert geo.of(120, 150) == (224, 288)  # 280 rounds half up to a multiple of 16: 288
-    assert geo.of(60, 1920) == (112, 3584)  # a 32:1 strip stays one: 3584 / 112
+    # the median image by area (90 x 400: 36,000 px) gets as many pixels as 224 x 224 x the median aspect ratio, 3
+    scale = math.sqrt(224 * 224 * 3 / 36_000)
+    assert geo.num / geo.den == pytest.approx(scale, rel=1e-5)
+    assert geo.shape == category_shape(train, 224, 16) == (224, 672)  # the grid maps and masks are compared on
+    assert geo.of(120, 150) == (240, 304)  # 245.4 and 306.7 px, each to the nearest multiple of 16
+    assert geo.of(60, 1920) == (128, 3920)  # a 32:1 strip stays one (30.6:1 after rounding the short side)
     assert geo.of(3, 5) == (16, 16)  # at least one multiple
-    for h, w in [(77, 129), (1000, 333), (120, 120)]:  # every side within half a multiple of its scaled length
+    for h, w in [(77, 129), (1000, 333), (120, 120), (90, 400)]:  # every side within half a multiple of its length
         for side, n in zip(geo.of(h, w), (h, w)):
-            assert side % 16 == 0 and abs(side - n * 224 / 120) <= 8
+            assert side % 16 == 0 and abs(side - n * scale) <= 8
     shape_geo = category_geometry(train, 224, "shape", 16)
     assert shape_geo.of(60, 1920) == shape_geo.shape == geo.shape
     assert Geometry.from_dict(geo.to_dict()) == geo
@@ -45,7 +49,8 @@ def test_one_pixel_scale_scales_every_side_by_one_factor(tmp_path):
 
 
 def test_on_a_category_of_one_size_both_geometries_give_the_same_shape(tmp_path):
-    for h, w in [(256, 256), (256, 640), (230, 1000), (480, 640)]:
+    """(Up to sides whose scaled length ends exactly in .5, which :func:`working_shape` rounds to even.)"""
+    for h, w in [(256, 256), (256, 640), (230, 1000), (480, 640), (645, 256), (1024, 1024)]:
         train = samples_of(tmp_path / f"{h}x{w}", [(h, w)] * 3)
         scale, shape = category_geometry(train, 224, "scale", 16), category_geometry(train, 224, "shape", 16)
         assert scale.of(h, w) == shape.of(h, w) == working_shape(h, w, 224, 16)

@@ -14,6 +14,7 @@ Anything unreadable stops with a :class:`DataError` naming the file; nothing is 
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -201,11 +202,11 @@ class Geometry:
     """How a category's images are resized for the pretrained map.
 
     ``shape``: every image to the category's working ``shape`` (:func:`category_shape`), whatever its own size.
-    ``scale``: every image by the one factor ``num / den`` (the short side ``image_size`` over the median short side
-    of the training images), each side rounded to a multiple of ``multiple`` (half up, at least one ``multiple``), so
-    a patch covers the same pixels in every image: crops of one camera in many sizes keep their texture's scale, and a
-    long strip keeps its length. On a category of one image size both give the same shape. ``shape`` is also the grid
-    the evaluation compares maps and masks on (:meth:`of` gives each image's own)."""
+    ``scale``: every image by the one factor ``num / den`` (:func:`category_geometry`: the median training image gets
+    as many pixels as the working shape), each side rounded to a multiple of ``multiple`` (half up, at least one
+    ``multiple``), so a patch covers the same pixels in every image: crops of one camera in many sizes keep their
+    texture's scale, and a long strip keeps its length. On a category of one image size both give the same shape.
+    ``shape`` is also the grid the evaluation compares maps and masks on (:meth:`of` gives each image's own)."""
 
     mode: str
     shape: Shape
@@ -234,16 +235,25 @@ class Geometry:
                    int(record["multiple"]))
 
 
+SCALE_DENOMINATOR = 1 << 16  # the scale is kept as a fraction num / 2**16: integer arithmetic everywhere
+
+
 def category_geometry(samples: Sequence[Sample], short_side: int, mode: str, multiple: int = 8) -> Geometry:
     """The :class:`Geometry` of a category from its training images ``samples``: its working shape
-    (:func:`category_shape`) and the scale that takes their median short side to ``short_side``."""
+    (:func:`category_shape`) and the one scale that gives their median image (by area) as many pixels as the
+    working shape before rounding, ``short_side`` x ``short_side`` x the median aspect ratio. So the pixels read, and
+    the time spent, stay those of one shape, and on a category of one image size the scale takes the short side to
+    ``short_side`` exactly, the working shape's own resize."""
     if mode not in GEOMETRIES:
         raise DataError(f"geometry: expected one of {', '.join(GEOMETRIES)}, got {mode!r}")
     if not samples:
         raise DataError("category_geometry: no images to measure")
-    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.int64)
-    twice_median_short = int(round(2 * float(np.median(shapes.min(axis=1)))))  # a whole number: medians end in .0 or .5
-    return Geometry(mode, category_shape(samples, short_side, multiple), 2 * short_side, twice_median_short, multiple)
+    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)
+    ratio = float(np.median(shapes[:, 1] / shapes[:, 0]))  # width / height, as category_shape
+    target = short_side * short_side * max(ratio, 1.0 / ratio)
+    scale = math.sqrt(target / float(np.median(shapes[:, 0] * shapes[:, 1])))
+    num = max(1, round(scale * SCALE_DENOMINATOR))
+    return Geometry(mode, category_shape(samples, short_side, multiple), num, SCALE_DENOMINATOR, multiple)
 
 
 def load_geometry(samples: list[Sample], geometry: Geometry, with_masks: bool, workers: int = 4

@@ -107,3 +107,11 @@ def test_real_data_benchmark_starts_the_bank_stage_with_its_launcher(repo_root):
     assert bench.bank_launcher({"pretrained": {"launcher": "python3"}}) == [sys.executable]
     assert bench.bank_launcher({"pretrained": {"launcher": "torchrun --standalone --nproc-per-node 2"}}) == [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def test_shape_memory_benchmark_reports_resident_memory(repo_root):
+    proc = subprocess.run([sys.executable, "benchmarks/shape_memory.py", "--shapes", "many", "--images", "3",
+                           "--every", "2"], cwd=repo_root, check=True, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    assert [line.split(" images")[0] for line in lines] == ["2", "3"], proc.stdout
+    assert all(float(line.split("resident ")[1].split(" GB")[0]) > 0 for line in lines)

@@ -18,6 +18,7 @@ from PIL import Image
 from conftest import save
 
 from aead import io
+from aead.data.mvtec import Geometry
 from aead.evaluation.evaluate import calibration_record, evaluate
 from aead.models.memory_bank import build_pretrained_banks_and_save
 from aead.params import parse_params
@@ -114,3 +115,28 @@ def test_at_one_pixel_scale_every_image_is_scored_on_its_own_map(strips, tmp_pat
     params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
     for sample, score in zip(result.samples, result.scores[params.evaluate.image_score]):
         assert raw[Path(sample.path).resolve()] == pytest.approx(score, rel=1e-5)
+
+
+def test_the_onnx_detector_scores_mixed_sizes_as_the_evaluation_did(strips, tmp_path):
+    """The exported ONNX model at one pixel scale: `aead predict --runtime onnxruntime` gives every test image of the
+    category (strips, crops, a portrait) the evaluation stage's raw score, and a 4096 x 256 scan its own-size map."""
+    import dataclasses
+
+    from aead.deploy.export import export_all
+    from aead.deploy.runtime import OnnxDetector, predict_onnx
+
+    work, _, ev = strips
+    params = parse_params(yaml.safe_load((work / "params.yaml").read_text()))
+    params = dataclasses.replace(params, export=dataclasses.replace(params.export, formats=("onnx",)))
+    index = export_all(params, work / "models", tmp_path / "export", "pretrained")
+    assert index["operating_points"]["pretrained/strip"]["geometry"]["mode"] == "scale"
+    result = ev.results["pretrained"]["strip"]
+    rows = predict_onnx([s.path for s in result.samples], "strip", tmp_path / "export", tmp_path / "out",
+                        log=lambda m: None)
+    for row, score in zip(rows, result.scores[params.evaluate.image_score]):
+        assert not row.error and row.raw_score == pytest.approx(score, rel=1e-4, abs=1e-5), row.path
+    scan = _texture(np.random.default_rng(4), 256, 4096)
+    raw, maps = OnnxDetector(tmp_path / "export", "strip").score_images([np.repeat(scan[..., None], 3, axis=2)])
+    geometry = index["operating_points"]["pretrained/strip"]["geometry"]
+    expected = Geometry.from_dict(geometry).of(256, 4096)
+    assert np.isfinite(raw).all() and maps[0].shape == expected and expected[1] > 8 * expected[0]

@@ -187,11 +187,23 @@ def category_shape(samples: Sequence[Sample], short_side: int, multiple: int = 8
     """The working shape of a category's images when the aspect ratio is kept: the median aspect ratio of
     ``samples`` (its training images) with the short side at ``short_side`` (see :func:`working_shape`). Every image
     of the category is resized to it, so images whose aspect ratio differs from the median are stretched a little."""
+    return _median_aspect_shape(_image_shapes(samples, "category_shape"), short_side, multiple)
+
+
+def _image_shapes(samples: Sequence[Sample], caller: str) -> np.ndarray:
+    """(N, 2) float64 (height, width) of ``samples``, read from their headers."""
     if not samples:
-        raise DataError("category_shape: no images to measure")
-    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)
-    ratio = float(np.median(shapes[:, 1] / shapes[:, 0]))  # width / height
-    return working_shape(1000, max(1, round(1000 * ratio)), short_side, multiple)
+        raise DataError(f"{caller}: no images to measure")
+    return np.array([image_shape(s.path) for s in samples], dtype=np.float64)
+
+
+def _median_ratio(shapes: np.ndarray) -> float:
+    """The median width / height of (N, 2) (height, width) ``shapes``."""
+    return float(np.median(shapes[:, 1] / shapes[:, 0]))
+
+
+def _median_aspect_shape(shapes: np.ndarray, short_side: int, multiple: int) -> Shape:
+    return working_shape(1000, max(1, round(1000 * _median_ratio(shapes))), short_side, multiple)
 
 
 GEOMETRIES = ("scale", "shape")
@@ -246,18 +258,25 @@ def category_geometry(samples: Sequence[Sample], short_side: int, mode: str, mul
     ``short_side`` exactly, the working shape's own resize."""
     if mode not in GEOMETRIES:
         raise DataError(f"geometry: expected one of {', '.join(GEOMETRIES)}, got {mode!r}")
-    if not samples:
-        raise DataError("category_geometry: no images to measure")
-    shapes = np.array([image_shape(s.path) for s in samples], dtype=np.float64)
-    ratio = float(np.median(shapes[:, 1] / shapes[:, 0]))  # width / height, as category_shape
+    shapes = _image_shapes(samples, "category_geometry")
+    ratio = _median_ratio(shapes)
     target = short_side * short_side * max(ratio, 1.0 / ratio)
     scale = math.sqrt(target / float(np.median(shapes[:, 0] * shapes[:, 1])))
     num = max(1, round(scale * SCALE_DENOMINATOR))
-    return Geometry(mode, category_shape(samples, short_side, multiple), num, SCALE_DENOMINATOR, multiple)
+    return Geometry(mode, _median_aspect_shape(shapes, short_side, multiple), num, SCALE_DENOMINATOR, multiple)
+
+
+Images = np.ndarray | list[np.ndarray]  # uint8 (N, H, W, 3), or (H_i, W_i, 3) images at their own working shapes
+
+
+def stack_if_one_shape(images: list[np.ndarray]) -> Images:
+    """``images`` as one (N, H, W, 3) array when they share a shape (the path of a category of one size), else as
+    they are."""
+    return np.stack(images) if images and len({image.shape for image in images}) == 1 else images
 
 
 def load_geometry(samples: list[Sample], geometry: Geometry, with_masks: bool, workers: int = 4
-                  ) -> tuple[np.ndarray | list[np.ndarray], np.ndarray | None]:
+                  ) -> tuple[Images, np.ndarray | None]:
     """The images of ``samples`` at ``geometry``: one (N, H, W, 3) uint8 array when they all have one working shape,
     else a list of (H_i, W_i, 3) arrays at each image's own; and with ``with_masks`` the masks (N, H, W) at
     ``geometry.shape`` (the grid the evaluation compares maps and masks on)."""
@@ -277,10 +296,7 @@ def load_geometry(samples: list[Sample], geometry: Geometry, with_masks: bool, w
     with ThreadPoolExecutor(max_workers=workers) as pool:
         loaded = list(pool.map(load, samples))
     masks = np.stack([m for _, m in loaded]).astype(np.uint8) if with_masks and loaded else None
-    images = [image for image, _ in loaded]
-    if images and len({image.shape for image in images}) == 1:
-        return np.stack(images), masks
-    return images, masks
+    return stack_if_one_shape([image for image, _ in loaded]), masks
 
 
 def resize_image(image: np.ndarray, size: int | Shape) -> np.ndarray:

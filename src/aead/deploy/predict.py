@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aead.data.mvtec import resize_image
+from aead.data.mvtec import resize_image, stack_if_one_shape
 from aead.deploy.outputs import Prediction, log_operating_point, score_files
 from aead.errors import CheckpointError, ParamsError
 from aead.evaluation.calibration import Calibration
@@ -95,8 +95,7 @@ def mapper_inputs(mapper: AnomalyMapper, originals: list[np.ndarray], ae_size: i
     pre = None
     if mapper.needs_pretrained_input:
         assert mapper.geometry is not None
-        resized = [resize_image(img, mapper.geometry.of(*img.shape[:2])) for img in originals]
-        pre = np.stack(resized) if len({r.shape for r in resized}) == 1 else resized
+        pre = stack_if_one_shape([resize_image(img, mapper.geometry.of(*img.shape[:2])) for img in originals])
     return Inputs(ae, pre)
 
 

@@ -166,8 +166,9 @@ def _keep_panel_images(result: CategoryResult, mapper: AnomalyMapper, inputs: In
     source = inputs.pretrained if inputs.pretrained is not None else inputs.autoencoder
     for i in keep.tolist():
         image = np.asarray(source[i])
-        shown = mapper.out_shape if source is inputs.pretrained else image.shape[:2]
-        result.images[i] = resize_image(image, shown)  # at one pixel scale, its own shape resized to the map's
+        if source is inputs.pretrained:  # at one pixel scale its own shape, shown at the map's
+            image = resize_image(image, mapper.out_shape)
+        result.images[i] = image
     uses_recon = any(part in RECONSTRUCTION_PARTS for part in mapper.parts)
     if uses_recon and mapper.autoencoder is not None and inputs.autoencoder is not None:
         x = torch.from_numpy(np.ascontiguousarray(inputs.autoencoder[keep])).permute(0, 3, 1, 2).float().to(device)

@@ -9,7 +9,6 @@ scikit-image's SSIM uses. (torch's own ``'reflect'`` padding is scipy's ``'mirro
 
 from __future__ import annotations
 
-import math
 from fractions import Fraction
 
 import torch

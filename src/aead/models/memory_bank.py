@@ -29,7 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,11 +41,11 @@ from torch import Tensor, nn
 from aead import io
 from aead.models.backbones import build_backbone
 from aead.training.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
-from aead.data.mvtec import (Geometry, Sample, Shape, category_geometry, image_shape, load_geometry, read_manifest,
-                             read_split, to_float, to_tensor)
+from aead.data.mvtec import (Geometry, Images, Sample, Shape, category_geometry, image_shape, load_geometry,
+                             read_manifest, read_split, to_float, to_tensor)
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
-from aead.models.scoring import mean_and_peak_scale
+from aead.models.scoring import mean_and_peak_scale, shape_runs, take
 from aead.models.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
 from aead.training.distributed import SINGLE, DistContext, gather_rows, process_device, shard
 from aead.training.loops import DiscriminatorStats, setup_compute, train_feature_discriminator
@@ -114,33 +114,11 @@ def select_coreset(features: Tensor, method: str, ratio: float, max_size: int, s
     raise ValueError(f"unknown coreset method {method!r}; use one of {', '.join(CORESET_METHODS)}")
 
 
-Images = np.ndarray | Sequence[np.ndarray]  # uint8 (N, H, W, 3), or (H_i, W_i, 3) images of several sizes
-
-
-def shape_runs(images: Images, batch_size: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive batches of at most ``batch_size`` of ``images``, each of one image size."""
-    if isinstance(images, np.ndarray):
-        for s in range(0, len(images), batch_size):
-            yield s, min(s + batch_size, len(images))
-        return
-    start = 0
-    while start < len(images):
-        stop = start + 1
-        while stop < len(images) and stop - start < batch_size and images[stop].shape == images[start].shape:
-            stop += 1
-        yield start, stop
-        start = stop
-
-
-def stack(images: Images, start: int, stop: int) -> np.ndarray:
-    """Images ``start:stop`` (of one size) as one uint8 (n, H, W, 3) array."""
-    return images[start:stop] if isinstance(images, np.ndarray) else np.stack(images[start:stop])
-
-
 def _batches(images: Images, batch_size: int, device: torch.device) -> Iterable[Tensor]:
     """Float NCHW batches of uint8 ``images``, one size per batch, one at a time (the images may be memory-mapped)."""
-    for start, stop in shape_runs(images, batch_size):
-        yield to_float(to_tensor(stack(images, start, stop), device))
+    shapes = [image.shape for image in images] if isinstance(images, list) else [()] * len(images)
+    for start, stop in shape_runs(shapes, batch_size):
+        yield to_float(to_tensor(take(images, np.arange(start, stop)), device))
 
 
 def _collect(extract: Callable[[Tensor], Tensor], batches: Iterable[Tensor]) -> tuple[Tensor, int]:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from aead.models import maps
 from aead.data.corruption import corrupt_batch
-from aead.data.mvtec import Geometry, Shape, resize_batch, to_float, to_tensor
+from aead.data.mvtec import Geometry, Images, Shape, resize_batch, to_float, to_tensor
 from aead.models.torch_model import PatchMemory, PretrainedPatchMemory, sum_on_scales
 
 SCORE_NAMES: tuple[str, ...] = ("mean", "top1", "max")
@@ -132,9 +132,6 @@ class AnomalyMapper(nn.Module):
         return sum_on_scales(part_maps, self.fusion.float())
 
 
-Images = np.ndarray | list[np.ndarray]  # uint8 (N, H, W, 3), or (H_i, W_i, 3) images at their own working shapes
-
-
 @dataclass
 class Inputs:
     """One category's images of one split, at each shape a map needs (uint8; either may be None). ``pretrained`` is
@@ -151,28 +148,35 @@ class Inputs:
         the images sorted by working shape (stable), at most ``batch_size`` of one shape per batch."""
         n = len(self)
         if not isinstance(self.pretrained, list):
-            for s in range(0, n, batch_size):
-                yield np.arange(s, min(s + batch_size, n))
-            return
-        shapes = [image.shape for image in self.pretrained]
-        order = np.array(sorted(range(n), key=lambda i: shapes[i]), dtype=np.int64)
-        start = 0
-        while start < n:
-            stop = start + 1
-            while stop < n and stop - start < batch_size and shapes[order[stop]] == shapes[order[start]]:
-                stop += 1
+            order = np.arange(n)
+            shapes: list[tuple[int, ...]] = [()] * n
+        else:
+            order = np.array(sorted(range(n), key=lambda i: self.pretrained[i].shape), dtype=np.int64)
+            shapes = [self.pretrained[i].shape for i in order]
+        for start, stop in shape_runs(shapes, batch_size):
             yield order[start:stop]
-            start = stop
 
     def batches(self, batch_size: int, device: torch.device) -> Iterator[tuple[np.ndarray, Tensor | None, Tensor | None]]:
         """(indices, autoencoder batch, pretrained batch): float channels-last batches on ``device``, each of one
         working shape (:meth:`groups`)."""
         for rows in self.groups(batch_size):
-            yield (rows, *(None if a is None else to_float(to_tensor(_take(a, rows), device))
+            yield (rows, *(None if a is None else to_float(to_tensor(take(a, rows), device))
                            for a in (self.autoencoder, self.pretrained)))
 
 
-def _take(images: Images, rows: np.ndarray) -> np.ndarray:
+def shape_runs(shapes: Sequence[tuple[int, ...]], batch_size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive runs of at most ``batch_size`` equal ``shapes``: the batches of images of
+    one working shape, in order."""
+    start = 0
+    while start < len(shapes):
+        stop = start + 1
+        while stop < len(shapes) and stop - start < batch_size and shapes[stop] == shapes[start]:
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+def take(images: Images, rows: np.ndarray) -> np.ndarray:
     """Images ``rows`` (consecutive ones of an array as a view, a list's stacked)."""
     if isinstance(images, list):
         return np.stack([images[i] for i in rows])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aead.params import load_params
+from aead.params import PretrainedParams, load_params
 
 STAGE_SCRIPTS = {
     "check-params": "stages/check_params.py",
@@ -70,6 +71,14 @@ def test_declared_params_exist(stages, repo_root):
             for part in key.split("."):
                 assert part in node, f"{name}: params key {key} is not in params.yaml"
                 node = node[part]
+
+
+def test_the_pretrained_bank_reruns_for_every_key_that_shapes_it(stages):
+    """`dvc exp run -S pretrained.<key>=...` must rebuild the bank for every key the bank stage reads: all of
+    ``pretrained`` but the map's smoothing, which only the scoring stages read."""
+    declared = {k.split(".", 1)[1] for k in stage_body(stages["build-pretrained-bank"])["params"]
+                if k.startswith("pretrained.")}
+    assert declared == {f.name for f in dataclasses.fields(PretrainedParams)} - {"smooth_sigma"}
 
 
 def test_metrics_and_plots_are_not_cached(stages):

@@ -16,7 +16,8 @@ from aead.models.backbones import build_backbone
 from aead.training.checkpoint import load_pretrained_bank, save_pretrained_bank
 from aead.data.mvtec import read_manifest, write_manifest
 from aead.errors import DataError
-from aead.models.memory_bank import build_pretrained_banks_and_save, part_scales
+from aead.data.corruption import corrupt_batch
+from aead.models.memory_bank import build_pretrained_banks_and_save, part_scales, synthetic_defect_patches
 from aead.params import parse_params
 from aead.data.prepare import prepare_split
 from aead.models.torch_model import FeatureDiscriminator, PretrainedPatchMemory
@@ -137,3 +138,48 @@ def test_the_stage_names_the_missing_validation_images(odd_dataset, raw_params, 
     raw["pretrained"]["discriminator_steps"] = 0
     built = build_pretrained_banks_and_save(parse_params(raw), tmp_path / "bank", log=lambda m: None)
     assert "discriminator_seconds" not in built["categories"]["widget"]
+
+
+def test_defect_patches_teach_it_what_the_noise_does_not():
+    """Features on the training plane but beyond its usual extent are no noise-like departure from it: only a
+    discriminator shown such defect patches scores them above the training features."""
+    patches = manifold(4000)
+    basis = torch.randn(3, 16, generator=torch.Generator().manual_seed(99))
+
+    def far(n: int, seed: int) -> torch.Tensor:
+        z = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+        z[:, 0] = 3.0 + 0.3 * z[:, 0]
+        return z @ basis * 3.0 + 1.0
+
+    plain = train(patches)
+    taught, _ = train_feature_discriminator(patches, hidden=32, steps=150, batch_size=600, noise=0.5, lr=2e-3,
+                                            seed=0, log=lambda m: None, defects=far(600, 3))
+    on, off = manifold(500, seed=1), far(500, 4)
+    labels = np.r_[np.zeros(500), np.ones(500)]
+    with torch.no_grad():
+        auroc = [roc_auc_score(labels, m(torch.cat([on, off]).T.reshape(1, 16, 1, 1000))[0, 0, 0].numpy())
+                 for m in (plain, taught)]
+    assert auroc[1] > 0.95 and auroc[1] > auroc[0] + 0.1, auroc
+
+
+def test_synthetic_defect_patches_are_the_features_where_the_defect_covers_the_cell(memory):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(3)]
+    images.append(rng.integers(0, 256, (96, 64, 3), dtype=np.uint8))  # two working shapes
+    cpu = torch.device("cpu")
+    a = synthetic_defect_patches(memory, images, "mixed", seed=5, batch_size=2, device=cpu)
+    b = synthetic_defect_patches(memory, images, "mixed", seed=5, batch_size=2, device=cpu)
+    assert torch.equal(a, b) and a.shape[1] == 152 and a.shape[0] > 0
+    gen = torch.Generator().manual_seed(5)
+    expected = []
+    for start in (0, 2):  # the batches: one shape each, two images at most
+        batch = images[start:start + 2] if start == 0 else images[2:3]
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255.0
+        corrupted, mask = corrupt_batch(x, "mixed", gen, probability=1.0)
+        with torch.no_grad():
+            f = memory.features(corrupted)
+        cover = torch.nn.functional.avg_pool2d(mask, 8)[:, 0]  # stride 8: the cells of a 64 x 96 image
+        expected.append(f.permute(0, 2, 3, 1)[cover >= 0.5])
+    assert torch.equal(a[: sum(e.shape[0] for e in expected)], torch.cat(expected))
+    c = synthetic_defect_patches(memory, images, "mixed", seed=6, batch_size=2, device=cpu)
+    assert not (c.shape == a.shape and torch.equal(c, a))

@@ -219,6 +219,8 @@ class PretrainedParams:
     discriminator_noise: float
     discriminator_lr: float
     discriminator_patches: int
+    discriminator_defects: int
+    discriminator_corruption: Literal["perlin", "cutpaste", "erase", "mixed"]
     chunk_images: int
     launcher: str
 
@@ -253,6 +255,7 @@ class PretrainedParams:
         _at_least("pretrained.discriminator_hidden", self.discriminator_hidden, 1)
         _at_least("pretrained.discriminator_batch_size", self.discriminator_batch_size, 1)
         _at_least("pretrained.discriminator_patches", self.discriminator_patches, 1)
+        _at_least("pretrained.discriminator_defects", self.discriminator_defects, 0)
         _at_least("pretrained.chunk_images", self.chunk_images, 1)
         _check_launcher("pretrained.launcher", self.launcher)
         for key in ("discriminator_noise", "discriminator_lr"):

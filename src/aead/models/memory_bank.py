@@ -20,7 +20,8 @@ process and one chunk the bank is exactly the one-pass coreset of all the patche
 The pretrained bank's stage also trains SimpleNet's feature discriminator on a seeded uniform sample of the training
 patches (all of them when they fit in ``pretrained.discriminator_patches``; ``pretrained.discriminator_*``,
 :func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both maps on the validation images
-(:func:`part_scales`), so that the ``pretrained`` map can sum them.
+(:func:`part_scales`), so that the ``pretrained`` map can sum them. With ``pretrained.discriminator_defects`` it also
+learns from the features of training images given a synthetic defect (:func:`synthetic_defect_patches`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from torch import Tensor, nn
 from aead import io
 from aead.models.backbones import build_backbone
 from aead.training.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
+from aead.data.corruption import corrupt_batch
 from aead.data.mvtec import (Geometry, Images, Sample, Shape, category_geometry, image_shape, load_geometry,
                              read_manifest, read_split, to_float, to_tensor)
 from aead.errors import DataError
@@ -390,6 +392,22 @@ def build_banks_and_save(params: Params, model_name: str, models_root: Path, out
     return metrics
 
 
+@torch.inference_mode()
+def synthetic_defect_patches(memory: PretrainedPatchMemory, images: Images, mode: str, seed: int, batch_size: int,
+                             device: torch.device, cover: float = 0.5) -> Tensor:
+    """(M, C): the patch features of ``images`` (uint8, at their working shapes) with a synthetic defect each
+    (:func:`aead.data.corruption.corrupt_batch`, ``mode``), at the grid positions at least ``cover`` of whose cell
+    the defect covers."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[Tensor] = []
+    for x in _batches(images, batch_size, device):
+        corrupted, mask = corrupt_batch(x, mode, gen, probability=1.0)
+        f = memory.features(corrupted)
+        covered = nn.functional.interpolate(mask, size=f.shape[-2:], mode="area")[:, 0] >= cover
+        out.append(f.permute(0, 2, 3, 1)[covered].cpu())
+    return torch.cat(out)
+
+
 def pretrained_memory(pretrained: PretrainedParams, bank_size: int = 0, channels: int = 0) -> PretrainedPatchMemory:
     """A pretrained memory for these params: the backbone with its packaged weights and an empty bank."""
     return PretrainedPatchMemory(build_backbone(pretrained.backbone), pretrained.layers, pretrained.neighbourhood,
@@ -459,11 +477,23 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                 continue
             fit = None
             if pre.discriminator_steps:
-                def fit(feats: Tensor) -> tuple[FeatureDiscriminator, DiscriminatorStats]:
+                def fit(feats: Tensor, chosen: list[Sample] = samples, geo: Geometry = geometry
+                        ) -> tuple[FeatureDiscriminator, DiscriminatorStats]:
+                    defects = None
+                    if pre.discriminator_defects:
+                        t0 = time.perf_counter()
+                        pick = np.sort(np.random.default_rng(pre.seed).choice(
+                            len(chosen), min(pre.discriminator_defects, len(chosen)), replace=False))
+                        images = load_geometry([chosen[i] for i in pick], geo, with_masks=False)[0]
+                        defects = synthetic_defect_patches(empty.to(device), images, pre.discriminator_corruption,
+                                                           pre.seed, pre.batch_size, device)
+                        log(f"[{tag}] {defects.shape[0]} defect patches of {len(pick)} training images with a "
+                            f"synthetic defect ({pre.discriminator_corruption}), {time.perf_counter() - t0:.1f} s")
                     log(f"[{tag}] feature discriminator on {feats.shape[0]} of the training patches")
                     return train_feature_discriminator(feats, pre.discriminator_hidden, pre.discriminator_steps,
                                                        pre.discriminator_batch_size, pre.discriminator_noise,
-                                                       pre.discriminator_lr, pre.seed, log=log, tag=tag)
+                                                       pre.discriminator_lr, pre.seed, log=log, tag=tag,
+                                                       defects=defects)
             memory, stats, fitted = finish_pretrained_bank(empty, streamed, pre.coreset_method, log=log, tag=tag,
                                                            fit_discriminator=fit)
             del streamed

@@ -12,7 +12,8 @@ import torch
 
 from conftest import save
 
-from aead.data.mvtec import Geometry, Sample, category_geometry, category_shape, load_geometry, working_shape
+from aead.data.mvtec import (Geometry, Sample, category_geometry, category_shape, image_sizes, load_geometry,
+                             working_shape)
 from aead.errors import DataError
 from aead.models import maps
 from aead.models.memory_bank import stream_bank
@@ -30,7 +31,8 @@ def samples_of(tmp_path, shapes: list[tuple[int, int]]) -> list[Sample]:
 
 def test_one_pixel_scale_scales_every_side_by_one_factor(tmp_path):
     train = samples_of(tmp_path, [(100, 300), (140, 420), (120, 150), (90, 400), (500, 120)])
-    geo = category_geometry(train, 224, "scale", 16)
+    sizes = image_sizes(train, "test")
+    geo = category_geometry(sizes, 224, "scale", 16)
     # the median image by area (90 x 400: 36,000 px) gets as many pixels as 224 x 224 x the median aspect ratio, 3
     scale = math.sqrt(224 * 224 * 3 / 36_000)
     assert geo.num / geo.den == pytest.approx(scale, rel=1e-5)
@@ -41,24 +43,25 @@ def test_one_pixel_scale_scales_every_side_by_one_factor(tmp_path):
     for h, w in [(77, 129), (1000, 333), (120, 120), (90, 400)]:  # every side within half a multiple of its length
         for side, n in zip(geo.of(h, w), (h, w)):
             assert side % 16 == 0 and abs(side - n * scale) <= 8
-    shape_geo = category_geometry(train, 224, "shape", 16)
+    shape_geo = category_geometry(sizes, 224, "shape", 16)
     assert shape_geo.of(60, 1920) == shape_geo.shape == geo.shape
     assert Geometry.from_dict(geo.to_dict()) == geo
     with pytest.raises(DataError, match="geometry: expected one of scale, shape, got 'tiles'"):
-        category_geometry(train, 224, "tiles", 16)
+        category_geometry(sizes, 224, "tiles", 16)
 
 
 def test_on_a_category_of_one_size_both_geometries_give_the_same_shape(tmp_path):
     """(Up to sides whose scaled length ends exactly in .5, which :func:`working_shape` rounds to even.)"""
     for h, w in [(256, 256), (256, 640), (230, 1000), (480, 640), (645, 256), (1024, 1024)]:
         train = samples_of(tmp_path / f"{h}x{w}", [(h, w)] * 3)
-        scale, shape = category_geometry(train, 224, "scale", 16), category_geometry(train, 224, "shape", 16)
+        sizes = image_sizes(train, "test")
+        scale, shape = category_geometry(sizes, 224, "scale", 16), category_geometry(sizes, 224, "shape", 16)
         assert scale.of(h, w) == shape.of(h, w) == working_shape(h, w, 224, 16)
 
 
 def test_images_load_at_their_own_shape_and_masks_at_the_category_grid(tmp_path):
     train = samples_of(tmp_path / "train", [(32, 64), (32, 64), (48, 64)])
-    geo = category_geometry(train, 32, "scale", 8)
+    geo = category_geometry(image_sizes(train, "test"), 32, "scale", 8)
     test = samples_of(tmp_path / "test", [(32, 64), (64, 32), (16, 256)])
     mask = np.zeros((16, 256), np.uint8)
     mask[4:8, 100:140] = 255

@@ -187,11 +187,12 @@ def category_shape(samples: Sequence[Sample], short_side: int, multiple: int = 8
     """The working shape of a category's images when the aspect ratio is kept: the median aspect ratio of
     ``samples`` (its training images) with the short side at ``short_side`` (see :func:`working_shape`). Every image
     of the category is resized to it, so images whose aspect ratio differs from the median are stretched a little."""
-    return _median_aspect_shape(_image_shapes(samples, "category_shape"), short_side, multiple)
+    return _median_aspect_shape(image_sizes(samples, "category_shape"), short_side, multiple)
 
 
-def _image_shapes(samples: Sequence[Sample], caller: str) -> np.ndarray:
-    """(N, 2) float64 (height, width) of ``samples``, read from their headers."""
+def image_sizes(samples: Sequence[Sample], caller: str) -> np.ndarray:
+    """(N, 2) float64 (height, width) of ``samples``, read from their headers (``caller`` names who asked, when there
+    are none)."""
     if not samples:
         raise DataError(f"{caller}: no images to measure")
     return np.array([image_shape(s.path) for s in samples], dtype=np.float64)
@@ -250,20 +251,21 @@ class Geometry:
 SCALE_DENOMINATOR = 1 << 16  # the scale is kept as a fraction num / 2**16: integer arithmetic everywhere
 
 
-def category_geometry(samples: Sequence[Sample], short_side: int, mode: str, multiple: int = 8) -> Geometry:
-    """The :class:`Geometry` of a category from its training images ``samples``: its working shape
-    (:func:`category_shape`) and the one scale that gives their median image (by area) as many pixels as the
+def category_geometry(sizes: np.ndarray, short_side: int, mode: str, multiple: int = 8) -> Geometry:
+    """The :class:`Geometry` of a category from the ``sizes`` (N, 2) of its training images (:func:`image_sizes`): its
+    working shape (:func:`category_shape`) and the one scale that gives their median image (by area) as many pixels as the
     working shape before rounding, ``short_side`` x ``short_side`` x the median aspect ratio. So the pixels read, and
     the time spent, stay those of one shape, and on a category of one image size the scale takes the short side to
     ``short_side`` exactly, the working shape's own resize."""
     if mode not in GEOMETRIES:
         raise DataError(f"geometry: expected one of {', '.join(GEOMETRIES)}, got {mode!r}")
-    shapes = _image_shapes(samples, "category_geometry")
-    ratio = _median_ratio(shapes)
+    if len(sizes) == 0:
+        raise DataError("category_geometry: no images to measure")
+    ratio = _median_ratio(sizes)
     target = short_side * short_side * max(ratio, 1.0 / ratio)
-    scale = math.sqrt(target / float(np.median(shapes[:, 0] * shapes[:, 1])))
+    scale = math.sqrt(target / float(np.median(sizes[:, 0] * sizes[:, 1])))
     num = max(1, round(scale * SCALE_DENOMINATOR))
-    return Geometry(mode, _median_aspect_shape(shapes, short_side, multiple), num, SCALE_DENOMINATOR, multiple)
+    return Geometry(mode, _median_aspect_shape(sizes, short_side, multiple), num, SCALE_DENOMINATOR, multiple)
 
 
 Images = np.ndarray | list[np.ndarray]  # uint8 (N, H, W, 3), or (H_i, W_i, 3) images at their own working shapes

@@ -43,7 +43,7 @@ from aead import io
 from aead.models.backbones import build_backbone
 from aead.training.checkpoint import find_checkpoint, load_checkpoint, save_encoder_bank, save_pretrained_bank
 from aead.data.corruption import corrupt_batch
-from aead.data.mvtec import (Geometry, Images, Sample, Shape, category_geometry, image_shape, load_geometry,
+from aead.data.mvtec import (Geometry, Images, Sample, Shape, category_geometry, image_sizes, load_geometry,
                              read_manifest, read_split, to_float, to_tensor)
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
@@ -414,12 +414,13 @@ def pretrained_memory(pretrained: PretrainedParams, bank_size: int = 0, channels
                                  bank_size, channels, pretrained.border_padding)
 
 
-def pretrained_geometry(memory: PretrainedPatchMemory, pre: PretrainedParams, train_samples: list[Sample]) -> Geometry:
-    """How a category's images are resized for the pretrained map (``pretrained.geometry``, :class:`Geometry`): short
-    side ``pretrained.image_size`` (each image's, or the median training image's at one pixel scale), both sides a
-    multiple of the deepest chosen layer's stride."""
+def pretrained_geometry(memory: PretrainedPatchMemory, pre: PretrainedParams, train_sizes: np.ndarray) -> Geometry:
+    """How a category's images are resized for the pretrained map (``pretrained.geometry``, :class:`Geometry`), from
+    its training images' ``train_sizes`` (:func:`aead.data.mvtec.image_sizes`): short side ``pretrained.image_size``
+    (each image's, or the median training image's at one pixel scale), both sides a multiple of the deepest chosen
+    layer's stride."""
     multiple = max(memory.backbone.stride(name) for name in memory.layers)
-    return category_geometry(train_samples, pre.image_size, pre.geometry, multiple)
+    return category_geometry(train_sizes, pre.image_size, pre.geometry, multiple)
 
 
 def patch_count(memory: PretrainedPatchMemory, shape: Shape) -> int:
@@ -457,8 +458,9 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                 raise DataError(f"{prepared}/val.csv: no validation images of category '{category}', which the "
                                 "pretrained map needs to put its discriminator and its bank on one scale; add good "
                                 "images, raise data.val_fraction, or set pretrained.discriminator_steps: 0")
-            geometry = pretrained_geometry(empty, pre, samples)
-            shapes = [geometry.of(*image_shape(s.path)) for s in samples]
+            native = image_sizes(samples, f"{prepared}/train.csv")  # each header read once
+            geometry = pretrained_geometry(empty, pre, native)
+            shapes = [geometry.of(int(h), int(w)) for h, w in native]
             order = sorted(range(len(samples)), key=lambda i: shapes[i])  # stable: one-size categories keep their order
             samples, shapes = [samples[i] for i in order], [shapes[i] for i in order]
             tag = f"pretrained/{category}"

@@ -678,8 +678,9 @@ def train_feature_discriminator(patches: Tensor, hidden: int, steps: int, batch_
     channel's standard deviation over ``patches``) to make as many fake defective ones; the discriminator learns to
     score the real ones above +0.5 and the noisy ones below -0.5 (truncated L1), with Adam (``lr``; half of it for
     the adaptor). ``defects`` (D, C), features of patches with a synthetic defect: each step also draws up to
-    ``batch_size`` of them, to be scored below -0.5 like the noisy ones. It runs on one thread, so its weights do not depend on the thread count (pieces of the batch on
-    parallel threads, their gradients added in order, were no faster at these sizes). They do depend on the last bits
+    ``batch_size`` of them, to be scored below -0.5 like the noisy ones. It runs on one thread, so its weights do not
+    depend on the thread count (pieces of the batch on parallel threads, their gradients added in order, were no
+    faster at these sizes). They do depend on the last bits
     of ``patches``, which the backbone computes with each CPU's own kernels, as the bank does: a relative change of
     1e-7 in every feature moved the transistor images' discriminator scores by at most 0.5 % of their range and their
     image AUROC by 0.002 (docs/measurements.md)."""
@@ -703,15 +704,14 @@ def train_feature_discriminator(patches: Tensor, hidden: int, steps: int, batch_
             for step in range(steps):
                 adapted = model.adapt(patches[torch.randint(0, patches.shape[0], (batch_size,), generator=gen)])
                 fake = adapted + torch.randn(adapted.shape, generator=gen) * noise
-                batch = [adapted, fake]
+                fakes = [fake]
                 if defects is not None and defects.shape[0]:
                     drawn = torch.randint(0, defects.shape[0], (min(batch_size, defects.shape[0]),), generator=gen)
-                    batch.append(model.adapt(defects[drawn]))
-                logits = model.logits(torch.cat(batch))
-                loss = (nn.functional.relu(0.5 - logits[:batch_size]).mean()
-                        + nn.functional.relu(0.5 + logits[batch_size:2 * batch_size]).mean())
-                if len(batch) == 3:
-                    loss = loss + nn.functional.relu(0.5 + logits[2 * batch_size:]).mean()
+                    fakes.append(model.adapt(defects[drawn]))
+                logits = model.logits(torch.cat([adapted, *fakes]))
+                loss = nn.functional.relu(0.5 - logits[:batch_size]).mean()
+                for part in logits[batch_size:].split([f.shape[0] for f in fakes]):  # each kind of fake weighs as much
+                    loss = loss + nn.functional.relu(0.5 + part).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

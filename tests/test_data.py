@@ -126,6 +126,21 @@ def test_mask_without_image(odd_dataset):
         scan_category(odd_dataset, "widget")
 
 
+def test_masks_named_like_their_images(odd_dataset):
+    gt = odd_dataset / "widget" / "ground_truth" / "scratch"
+    (gt / "001_mask.png").rename(gt / "001.png")  # one mask per naming rule in the same folder
+    by_name = {Path(s.path).name: s for s in scan_category(odd_dataset, "widget")[1]}
+    assert Path(by_name["000.png"].mask_path).name == "000_mask.png"
+    assert Path(by_name["001.png"].mask_path).name == "001.png"
+    assert by_name["002.png"].mask_path is None
+    (gt / "001.png").rename(gt / "007.png")
+    with pytest.raises(DataError, match=r"007.png: a mask without an image \(no .*scratch/007\.\*"):
+        scan_category(odd_dataset, "widget")
+    (gt / "007.png").rename(gt / "000.png")
+    with pytest.raises(DataError, match=r"000_mask.png: a second mask for .*scratch/000\.\* \(the other is .*000.png\)"):
+        scan_category(odd_dataset, "widget")
+
+
 def test_bad_image_aborts_prepare_without_output(odd_dataset, tmp_path):
     (odd_dataset / "widget" / "test" / "good" / "001.png").write_bytes(b"garbage")
     params = data_params(odd_dataset, tmp_path / "prep")

@@ -5,7 +5,7 @@ Layout of one category (as MVTec AD ships it)::
     <root>/<category>/train/good/*.png
     <root>/<category>/test/good/*.png
     <root>/<category>/test/<defect_type>/*.png
-    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (optional per image)
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.png   (optional per image; or <stem>.png)
 
 Images may be PNG, JPEG or BMP, RGB or single-channel (made 3-channel), 8 or 16 bit, of different sizes.
 Anything unreadable stops with a :class:`DataError` naming the file; nothing is skipped or replaced.
@@ -113,11 +113,7 @@ def scan_category(root: Path, category: str) -> tuple[list[Sample], list[Sample]
         raise DataError(f"{test_dir / stray[0]}: expected only folders (good/ and one per defect type) in {test_dir}")
     for defect in defect_types:
         files = list_images(test_dir / defect)
-        masks = _masks_by_stem(gt_dir / defect) if defect != "good" else {}
-        stems = {p.stem for p in files}
-        orphans = sorted(set(masks) - stems)
-        if orphans:
-            raise DataError(f"{masks[orphans[0]]}: a mask without an image (no {test_dir / defect / orphans[0]}.*)")
+        masks = _masks_by_stem(gt_dir / defect, {p.stem for p in files}, test_dir / defect) if defect != "good" else {}
         for p in files:
             mask = masks.get(p.stem)
             test.append(Sample(str(p), category, defect, 0 if defect == "good" else 1, str(mask) if mask else None))
@@ -126,15 +122,26 @@ def scan_category(root: Path, category: str) -> tuple[list[Sample], list[Sample]
     return train, test
 
 
-def _masks_by_stem(folder: Path) -> dict[str, Path]:
-    """Masks named ``<image stem>_mask.<ext>`` in ``folder`` (which may not exist: no masks then)."""
+def _masks_by_stem(folder: Path, stems: set[str], images: Path) -> dict[str, Path]:
+    """The masks in ``folder`` (which may not exist: no masks then) by the stem of their image in ``images``, whose
+    stems are ``stems``: a mask is named ``<image stem>_mask.<ext>`` (MVTec AD) or like its image, ``<image
+    stem>.<ext>`` (as many other data sets ship them). A mask that matches no image, or two masks of one image, stop
+    with an error naming them."""
     if not folder.is_dir():
         return {}
     out: dict[str, Path] = {}
     for p in list_images(folder):
-        if not p.stem.endswith("_mask"):
-            raise DataError(f"{p}: expected mask files named <image stem>_mask.png in {folder}")
-        out[p.stem[: -len("_mask")]] = p
+        if p.stem in stems:
+            stem = p.stem
+        elif p.stem.endswith("_mask") and p.stem[: -len("_mask")] in stems:
+            stem = p.stem[: -len("_mask")]
+        else:
+            name = p.stem[: -len("_mask")] if p.stem.endswith("_mask") else p.stem
+            raise DataError(f"{p}: a mask without an image (no {images / name}.*; masks are named <image stem>_mask"
+                            f".png or like their image)")
+        if stem in out:
+            raise DataError(f"{p}: a second mask for {images / stem}.* (the other is {out[stem]})")
+        out[stem] = p
     return out
 
 

@@ -113,7 +113,6 @@ def main() -> None:
     parser.add_argument("--global-layers", default="blocks.6,blocks.14,blocks.20")
     args = parser.parse_args()
     os.chdir(args.run)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     params = load_params("params.yaml")
     cat = args.category or params.data.categories[0]
     mapper = TrainedModels(params, Path("models"), torch.device("cpu")).mapper("pretrained", "pretrained", cat)

@@ -30,11 +30,19 @@ from aead.models.torch_model import PretrainedPatchMemory, nearest_distance
 
 
 def extra_channels(memory: PretrainedPatchMemory, x: torch.Tensor, f: torch.Tensor, expand: list[int],
-                   intensity: float) -> list[torch.Tensor]:
+                   intensity: float, fine: str = "", fine_weight: float = 1.0) -> list[torch.Tensor]:
     """Probe-only channels on ``f``'s grid: the expansion activations of EfficientNet-Lite blocks ``expand`` (6x
-    the block's input channels), and ``intensity`` x the local mean and standard deviation of the gray image."""
+    the block's input channels), ``intensity`` x the local mean and standard deviation of the gray image, and
+    ``fine_weight`` x a finer layer ``fine``'s output max-pooled to the grid (a thin line's strongest response in each
+    cell), then averaged over the neighbourhood."""
     out: list[torch.Tensor] = []
     p, k = memory.padding, memory.neighbourhood
+    if fine:
+        level = memory.backbone(F.pad(x, (p, p, p, p), mode="reflect") if p else x, (fine,))[0]
+        c = memory.crop
+        ratio = level.shape[-2] // (f.shape[-2] + 2 * c)  # the finer layer's positions per grid cell
+        level = F.avg_pool2d(F.max_pool2d(level, ratio), k, 1, k // 2)
+        out.append(fine_weight * level[..., c : level.shape[-2] - c, c : level.shape[-1] - c])
     if expand:
         net = memory.backbone.net
         z = net.stem(memory.backbone.normalize(F.pad(x, (p, p, p, p), mode="reflect") if p else x))
@@ -72,6 +80,8 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=4.0)
     ap.add_argument("--expand", default="", help="probe: comma-separated Lite blocks whose expansion is appended")
     ap.add_argument("--intensity", type=float, default=0.0, help="probe: weight of local gray mean and std")
+    ap.add_argument("--fine", default="", help="probe: a finer layer max-pooled to the grid and appended")
+    ap.add_argument("--fine-weight", type=float, default=1.0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines file to append the result to")
     a = ap.parse_args()
@@ -87,7 +97,7 @@ def main() -> None:
 
     def features(x: torch.Tensor) -> torch.Tensor:
         f = memory.features(x)
-        return torch.cat([f, *extra_channels(memory, x, f, expand, a.intensity)], 1)
+        return torch.cat([f, *extra_channels(memory, x, f, expand, a.intensity, a.fine, a.fine_weight)], 1)
 
     train_images = load_split(train, shape, with_masks=False).images
     test_split = load_split(test, shape, with_masks=True)

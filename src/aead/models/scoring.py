@@ -120,7 +120,9 @@ class AnomalyMapper(nn.Module):
                 else:
                     raw, sigma = self.memory.distance_map(self.autoencoder.encoder, x_ae), self.smooth_sigma
                 amap = maps.gaussian_blur(raw.float()[:, None], sigma)
-                if tuple(amap.shape[-2:]) != tuple(shape):
+                # the pretrained map comes at x_pre's shape, the others at the autoencoder's: resized to x_pre's by
+                # their kind, not by comparing sizes, which an exported graph cannot do (its x_pre shape is symbolic)
+                if part != "pretrained" and x_pre is not None:
                     amap = nn.functional.interpolate(amap, size=shape, mode="bilinear", align_corners=False)
                 out.append(amap[:, 0])
         return out

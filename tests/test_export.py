@@ -44,20 +44,20 @@ def only(params, *formats: str):
     return dataclasses.replace(params, export=dataclasses.replace(params.export, formats=formats))
 
 
-@pytest.mark.parametrize("method", ["ssim", "seg", "knn", "pretrained", "fused", "fused-pretrained"])
+@pytest.mark.parametrize("method", ["ssim", "seg", "knn", "pretrained", "fused"])
 def test_exported_detector_matches_pytorch(pipeline, tmp_path, method):  # noqa: F811
     """Both formats give the PyTorch detector's scores and maps on real images of other sizes, one at a time and in
     a batch; the ONNX model in ONNX Runtime to float rounding (its resize is exact, :func:`resize_batch`).
-    ``fused-pretrained``: the fused map of an autoencoder's map and the pretrained one (each image at its own working
-    shape, the autoencoder's map resized to it)."""
+    ``fused``: of all three kinds of part, the segmentation head's, the encoder bank's and the pretrained map (each
+    image at its own working shape, the autoencoder's maps resized to it)."""
     from aead.params import load_params
 
     work, _, root = pipeline
     params = load_params(work / "params.yaml")
     models_root = work / "models"
-    if method == "fused-pretrained":  # evaluated (and so calibrated) with these parts, in a copy of the models
-        method = "fused"
-        params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, fused=("ssim", "pretrained")))
+    if method == "fused":  # evaluated (and so calibrated) with these parts, in a copy of the models
+        parts = ("seg", "knn", "pretrained")
+        params = dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, fused=parts))
         models_root = tmp_path / "models"
         shutil.copytree(work / "models", models_root)
         ev = evaluate(params, method, models_root, log=lambda m: None)

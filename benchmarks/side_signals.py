@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 from aead.data.mvtec import read_split
 from aead.evaluation.evaluate import TrainedModels, category_inputs
 from aead.models.maps import gaussian_blur
-from aead.models.scoring import AnomalyMapper, Inputs, score_inputs
+from aead.models.scoring import SCALE_FLOOR, AnomalyMapper, Inputs, score_inputs
 from aead.params import load_params
 
 CELL = 8
@@ -90,20 +90,23 @@ def shading_mapper(train: list[torch.Tensor], seed: int) -> Callable[[torch.Tens
 
 @torch.inference_mode()
 def pooled(mapper: AnomalyMapper, inputs: Inputs, layers: tuple[str, ...]) -> list[np.ndarray]:
-    """Per layer, (N, 2C): each image's channel means and standard deviations of the backbone's output."""
+    """Per layer, (N, 2C): each image's channel means and standard deviations of the backbone's output (0 where the
+    layer has one position: a tiny image)."""
     backbone = mapper.pretrained.backbone
     rows: list[list[torch.Tensor]] = [[] for _ in layers]
     order = []
     for idx, _, x in inputs.batches(8, torch.device("cpu")):
         for i, y in enumerate(backbone(x, layers)):
-            rows[i].append(torch.cat([y.mean((2, 3)), y.std((2, 3))], 1))
+            spread = y.std((2, 3)) if y.shape[-2] * y.shape[-1] > 1 else torch.zeros_like(y[:, :, 0, 0])
+            rows[i].append(torch.cat([y.mean((2, 3)), spread], 1))
         order.append(idx)
     where = np.argsort(np.concatenate(order))
     return [torch.cat(r).numpy()[where] for r in rows]
 
 
 def resized(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return F.interpolate(torch.from_numpy(m)[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = F.interpolate(torch.from_numpy(m)[None, None], size=shape, mode="bilinear", align_corners=False)
+    return m[0, 0].numpy()
 
 
 def main() -> None:
@@ -142,7 +145,7 @@ def main() -> None:
         print(line, flush=True)
 
     def z(val_scores: np.ndarray) -> Callable[[np.ndarray | float], np.ndarray | float]:
-        mean, std = val_scores.mean(), val_scores.std()
+        mean, std = val_scores.mean(), max(float(val_scores.std()), SCALE_FLOOR)  # a constant signal: no division by 0
         return lambda v: (v - mean) / std
 
     pre_val = np.array([top1(m) for m in pre["val"]])

@@ -8,6 +8,8 @@ import sys
 
 from PIL import Image
 
+from test_predict import pipeline  # noqa: F401  (module fixture: a trained, calibrated tiny pipeline)
+
 
 def test_benchmark_runs_on_tiny_sizes(repo_root, tmp_path):
     out = tmp_path / "bench.json"
@@ -115,3 +117,24 @@ def test_shape_memory_benchmark_reports_resident_memory(repo_root):
     lines = proc.stdout.splitlines()
     assert [line.split(" images")[0] for line in lines] == ["2", "3"], proc.stdout
     assert all(float(line.split("resident ")[1].split(" GB")[0]) > 0 for line in lines)
+
+
+def test_side_signals_benchmark_scores_the_map_as_the_evaluation_does(repo_root, pipeline):  # noqa: F811
+    """benchmarks/side_signals.py on a finished run: its row for the map alone is the evaluation's image AUROC, and
+    every signal, alone and fused, gets a row with an image AUROC (and a pixel AUROC for the maps)."""
+    from aead.evaluation.evaluate import evaluate
+    from aead.params import load_params
+
+    work, _, _ = pipeline
+    expected = evaluate(load_params(work / "params.yaml"), "pretrained", work / "models",
+                        log=lambda m: None).metrics["pretrained"]["image_auroc"]
+    proc = subprocess.run([sys.executable, "benchmarks/side_signals.py", "--run", str(work)], cwd=repo_root,
+                          check=True, capture_output=True, text=True)
+    rows = {line.split(" image ")[0].strip(): line for line in proc.stdout.splitlines() if " image " in line}
+    signals = ("brightness", "shading", "global")
+    assert set(rows) == {"pretrained map"} | {f"{s} alone" for s in signals} | {
+        f"map {f} {s}" for s in signals for f in ("+0.5", "+1", "max")}, proc.stdout
+    assert float(rows["pretrained map"].split(" image ")[1].split()[0]) == round(expected, 3)
+    for name, line in rows.items():
+        assert 0.0 <= float(line.split(" image ")[1].split()[0]) <= 1.0
+        assert ("| pixel " in line) == ("global" not in name), line

@@ -24,7 +24,6 @@ pixel of the category's mask grid) where the test images have masks.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from aead.data.mvtec import read_split
 from aead.evaluation.evaluate import TrainedModels, category_inputs
-from aead.models.maps import gaussian_blur
+from aead.models.maps import gaussian_blur, image_scores
 from aead.models.scoring import SCALE_FLOOR, AnomalyMapper, Inputs, score_inputs
 from aead.params import load_params
 
@@ -46,10 +45,8 @@ SHADING_BANK = 16384
 
 
 def top1(m: np.ndarray) -> float:
-    """The mean of the highest 1 % of a map's pixels (``evaluate.image_score: top1``)."""
-    f = m.ravel()
-    k = max(1, math.ceil(f.size * 0.01))
-    return float(np.partition(f, f.size - k)[-k:].mean())
+    """A map's ``top1`` image score, as the evaluation reads it (:func:`aead.models.maps.image_scores`)."""
+    return float(image_scores(torch.from_numpy(m)[None], smooth_sigma=0.0)["top1"])
 
 
 def gray(inputs: Inputs) -> list[torch.Tensor]:
@@ -125,8 +122,9 @@ def main() -> None:
     labels = np.array([s.label for s in test.samples])
     types = [s.defect_type for s in test.samples]
     masks = inputs["test"][1]
-    pre = {name: score_inputs(mapper, inputs[name][0], 8, torch.device("cpu"), own_maps=True).own
-           for name in ("val", "test")}
+    scored = {name: score_inputs(mapper, inputs[name][0], 8, torch.device("cpu"), own_maps=True)
+              for name in ("val", "test")}
+    pre = {name: s.own for name, s in scored.items()}
     grays = {name: gray(inputs[name][0]) for name in inputs}
 
     has_mask = None
@@ -148,8 +146,7 @@ def main() -> None:
         mean, std = val_scores.mean(), max(float(val_scores.std()), SCALE_FLOOR)  # a constant signal: no division by 0
         return lambda v: (v - mean) / std
 
-    pre_val = np.array([top1(m) for m in pre["val"]])
-    pre_test = np.array([top1(m) for m in pre["test"]])
+    pre_val, pre_test = scored["val"].scores["top1"], scored["test"].scores["top1"]
     zp = z(pre_val)
     print(f"{cat}: {len(grays['train'])} training, {len(pre_val)} validation, {len(labels)} test images")
     report("pretrained map", pre_test, pre["test"])

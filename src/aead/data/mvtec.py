@@ -131,13 +131,10 @@ def _masks_by_stem(folder: Path, stems: set[str], images: Path) -> dict[str, Pat
         return {}
     out: dict[str, Path] = {}
     for p in list_images(folder):
-        if p.stem in stems:
-            stem = p.stem
-        elif p.stem.endswith("_mask") and p.stem[: -len("_mask")] in stems:
-            stem = p.stem[: -len("_mask")]
-        else:
-            name = p.stem[: -len("_mask")] if p.stem.endswith("_mask") else p.stem
-            raise DataError(f"{p}: a mask without an image (no {images / name}.*; masks are named <image stem>_mask"
+        stripped = p.stem.removesuffix("_mask")
+        stem = p.stem if p.stem in stems else stripped
+        if stem not in stems:
+            raise DataError(f"{p}: a mask without an image (no {images / stripped}.*; masks are named <image stem>_mask"
                             f".png or like their image)")
         if stem in out:
             raise DataError(f"{p}: a second mask for {images / stem}.* (the other is {out[stem]})")

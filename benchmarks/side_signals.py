@@ -9,6 +9,10 @@ at its own working shape), and from the same images:
 ``brightness``: |log of the gray level's local mean (Gaussian sigma 16 px) - the image's median of it|;
 ``shading``: each 8 x 8 px cell's distance to the nearest of 16,384 training cells (drawn at random), described by
 four differences of Gaussians of the log gray level (8 to 128 px, channels scaled by their training spread);
+``position``: the brightness signal's local mean less the image's median, compared at each relative position (a grid of
+16 px cells of the category's working shape, stretched over each image) with its mean over the training images, in
+units of its standard deviation there (floored at the median of those deviations): a brightness model that knows where
+the part's own brightness belongs, where the parts lie in one place (objects, aligned scans);
 ``global``: the Mahalanobis distance (Ledoit-Wolf covariance of the training images) of the backbone's per-image
 channel means and standard deviations of ``--global-layers``, summed over the layers; an image score, no map.
 
@@ -19,6 +23,7 @@ pixel of the category's mask grid) where the test images have masks.
 
     python benchmarks/side_signals.py --run /tmp/real/def_ks/default
     python benchmarks/side_signals.py --run . --category tile      # the synthetic set after dvc repro
+    python benchmarks/side_signals.py --run /tmp/real/def_tr/default --signals position    # one signal
 """
 
 from __future__ import annotations
@@ -55,9 +60,31 @@ def gray(inputs: Inputs) -> list[torch.Tensor]:
     return [torch.from_numpy(np.asarray(im, dtype=np.float32).mean(-1)) for im in images]
 
 
-def brightness_map(g: torch.Tensor) -> np.ndarray:
+def relative_brightness(g: torch.Tensor) -> torch.Tensor:
+    """(H, W): the log of the gray level's local mean (Gaussian sigma 16 px) less its median over the image."""
     local = torch.log(gaussian_blur(g[None, None], 16.0) + 8.0)[0, 0]
-    return (local - local.median()).abs().numpy()
+    return local - local.median()
+
+
+def brightness_map(g: torch.Tensor) -> np.ndarray:
+    return relative_brightness(g).abs().numpy()
+
+
+def position_mapper(train: list[torch.Tensor], grid: tuple[int, int]) -> Callable[[torch.Tensor], np.ndarray]:
+    """The ``position`` signal: each training image's relative brightness averaged onto ``grid`` (its relative
+    positions), its mean and floored standard deviation there; a new image's map is its distance from that mean in
+    those units, the grid stretched bilinearly over the image."""
+    rows = torch.cat([F.interpolate(relative_brightness(g)[None, None], size=grid, mode="area") for g in train])[:, 0]
+    mean, std = rows.mean(0), rows.std(0) if len(train) > 1 else torch.ones(grid)
+    std = torch.maximum(std, std.median())
+
+    def amap(g: torch.Tensor) -> np.ndarray:
+        field = relative_brightness(g)
+        m, s = (F.interpolate(v[None, None], size=field.shape, mode="bilinear", align_corners=False)[0, 0]
+                for v in (mean, std))
+        return ((field - m).abs() / s).numpy()
+
+    return amap
 
 
 def shading_descriptors(g: torch.Tensor) -> torch.Tensor:
@@ -111,6 +138,8 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a run folder: params.yaml, models/, prepared split")
     parser.add_argument("--category", help="default: the first of data.categories")
     parser.add_argument("--global-layers", default="blocks.6,blocks.14,blocks.20")
+    parser.add_argument("--signals", default="brightness,shading,position,global",
+                        help="comma-separated: which of brightness, shading, position and global to score")
     args = parser.parse_args()
     os.chdir(args.run)
     params = load_params("params.yaml")
@@ -151,8 +180,16 @@ def main() -> None:
     print(f"{cat}: {len(grays['train'])} training, {len(pre_val)} validation, {len(labels)} test images")
     report("pretrained map", pre_test, pre["test"])
 
-    shading = shading_mapper(grays["train"], params.pretrained.seed)
-    for name, amap in (("brightness", brightness_map), ("shading", shading)):
+    signals = set(args.signals.split(","))
+    if unknown := signals - {"brightness", "shading", "position", "global"}:
+        parser.error(f"--signals: unknown {sorted(unknown)}")
+    mappers: dict[str, Callable[[torch.Tensor], np.ndarray]] = {"brightness": brightness_map}
+    if "shading" in signals:
+        mappers["shading"] = shading_mapper(grays["train"], params.pretrained.seed)
+    if "position" in signals:
+        mappers["position"] = position_mapper(grays["train"], (max(1, mapper.out_shape[0] // 16),
+                                                                max(1, mapper.out_shape[1] // 16)))
+    for name, amap in ((n, a) for n, a in mappers.items() if n in signals):
         val_maps = [amap(g) for g in grays["val"]]
         test_maps = [amap(g) for g in grays["test"]]
         zs = z(np.array([top1(m) for m in val_maps]))
@@ -161,6 +198,8 @@ def main() -> None:
             fused = [fuse(zp(m), zs(s)) for m, s in zip(pre["test"], test_maps)]
             report(f"map {label} {name}", np.array([top1(m) for m in fused]), fused)
 
+    if "global" not in signals:
+        return
     layers = tuple(args.global_layers.split(","))
     feats = {name: pooled(mapper, inputs[name][0], layers) for name in inputs}
     distance = {name: np.zeros(len(grays[name])) for name in ("val", "test")}

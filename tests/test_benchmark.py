@@ -131,7 +131,7 @@ def test_side_signals_benchmark_scores_the_map_as_the_evaluation_does(repo_root,
     proc = subprocess.run([sys.executable, "benchmarks/side_signals.py", "--run", str(work)], cwd=repo_root,
                           check=True, capture_output=True, text=True)
     rows = {line.split(" image ")[0].strip(): line for line in proc.stdout.splitlines() if " image " in line}
-    signals = ("brightness", "shading", "global")
+    signals = ("brightness", "shading", "position", "global")
     assert set(rows) == {"pretrained map"} | {f"{s} alone" for s in signals} | {
         f"map {f} {s}" for s in signals for f in ("+0.5", "+1", "max")}, proc.stdout
     assert float(rows["pretrained map"].split(" image ")[1].split()[0]) == round(expected, 3)

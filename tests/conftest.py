@@ -100,5 +100,6 @@ def tiny_training(raw: dict) -> dict:
     raw["multiscale"]["base_channels"] = 4
     raw["segmentation"].update(steps=3, batch_size=4, base_channels=4)
     raw["memory_bank"].update(feature_size=8)
-    raw["pretrained"].update(image_size=32, discriminator_steps=5)
+    # the brightness model on (off by default): the tests of the pretrained map, its export and predict cover it
+    raw["pretrained"].update(image_size=32, discriminator_steps=5, brightness_sigma=16.0)
     return raw

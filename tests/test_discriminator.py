@@ -132,12 +132,16 @@ def test_the_stage_names_the_missing_validation_images(odd_dataset, raw_params, 
     prepare_split(params.data, log=lambda m: None)
     val = read_manifest(tmp_path / "prepared", "val")
     write_manifest(tmp_path / "prepared", "val", [dataclasses.replace(s, category="other") for s in val])
-    with pytest.raises(DataError, match=r"val\.csv: no validation images of category 'widget'.*discriminator_steps: 0"):
-        build_pretrained_banks_and_save(params, tmp_path / "bank", log=lambda m: None)
-    assert not (tmp_path / "bank").exists()
-    raw["pretrained"]["discriminator_steps"] = 0
+    pattern = r"val\.csv: no validation images of category 'widget'.*discriminator_steps: 0.*brightness_sigma: 0"
+    for steps, sigma in ((3, 16.0), (3, 0.0), (0, 16.0)):  # each part that needs the validation images
+        raw["pretrained"].update(discriminator_steps=steps, brightness_sigma=sigma)
+        with pytest.raises(DataError, match=pattern):
+            build_pretrained_banks_and_save(parse_params(raw), tmp_path / "bank", log=lambda m: None)
+        assert not (tmp_path / "bank").exists()
+    raw["pretrained"].update(discriminator_steps=0, brightness_sigma=0.0)
     built = build_pretrained_banks_and_save(parse_params(raw), tmp_path / "bank", log=lambda m: None)
     assert "discriminator_seconds" not in built["categories"]["widget"]
+    assert "brightness_seconds" not in built["categories"]["widget"]
 
 
 def test_defect_patches_teach_it_what_the_noise_does_not():

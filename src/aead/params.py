@@ -221,6 +221,7 @@ class PretrainedParams:
     discriminator_patches: int
     discriminator_defects: int
     discriminator_corruption: Literal["perlin", "cutpaste", "erase", "mixed"]
+    brightness_sigma: float
     chunk_images: int
     launcher: str
 
@@ -248,8 +249,9 @@ class PretrainedParams:
         _check_coreset("pretrained", self.coreset_ratio, self.max_bank_size, allow_zero=False)
         _at_least("pretrained.search_dim", self.search_dim, 1)
         _at_least("pretrained.search_candidates", self.search_candidates, 0)
-        if self.smooth_sigma < 0:
-            raise ParamsError(f"pretrained.smooth_sigma: expected a number >= 0, got {self.smooth_sigma!r}")
+        for key in ("smooth_sigma", "brightness_sigma"):
+            if getattr(self, key) < 0:
+                raise ParamsError(f"pretrained.{key}: expected a number >= 0, got {getattr(self, key)!r}")
         _at_least("pretrained.batch_size", self.batch_size, 1)
         _at_least("pretrained.discriminator_steps", self.discriminator_steps, 0)
         _at_least("pretrained.discriminator_hidden", self.discriminator_hidden, 1)

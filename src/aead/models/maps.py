@@ -19,6 +19,7 @@ from aead.errors import DataError, ParamsError
 __all__ = [
     "gaussian_kernel1d",
     "blur_matrix",
+    "blur_by_convolution",
     "gaussian_blur",
     "ssim_window_radius",
     "ssim_map",
@@ -107,6 +108,14 @@ def _blur_conv(x: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
     h, w = x.shape[-2:]
     x = F.conv2d(x.index_select(2, _pad_index(h, r, mode, x.device)), k.view(1, 1, -1, 1))
     return F.conv2d(x.index_select(3, _pad_index(w, r, mode, x.device)), k.view(1, 1, 1, -1))
+
+
+def blur_by_convolution(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "reflect") -> torch.Tensor:
+    """:func:`gaussian_blur` of (N, C, H, W) ``x`` by 1-D convolutions at every size (the path of symbolic sizes), so
+    that a graph exported with symbolic sizes rounds as the eager module does."""
+    k = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
+    n, c, h, w = x.shape
+    return _blur_conv(x.reshape(-1, 1, h, w), k, mode).reshape(x.shape)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "reflect") -> torch.Tensor:

@@ -21,7 +21,10 @@ The pretrained bank's stage also trains SimpleNet's feature discriminator on a s
 patches (all of them when they fit in ``pretrained.discriminator_patches``; ``pretrained.discriminator_*``,
 :func:`aead.training.loops.train_feature_discriminator`) and measures the scale of both maps on the validation images
 (:func:`part_scales`), so that the ``pretrained`` map can sum them. With ``pretrained.discriminator_defects`` it also
-learns from the features of training images given a synthetic defect (:func:`synthetic_defect_patches`).
+learns from the features of training images given a synthetic defect (:func:`synthetic_defect_patches`). With
+``pretrained.brightness_sigma`` it fits a per-position model of the training images' relative brightness
+(:func:`fit_brightness`, :class:`aead.models.torch_model.BrightnessModel`) and the two maps' scales
+(:func:`validation_scales`), so that the map is the larger of the features' and the brightness map.
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from aead.data.mvtec import (Geometry, Images, Sample, Shape, category_geometry,
                              read_manifest, read_split, to_float, to_tensor)
 from aead.errors import DataError
 from aead.params import Params, PretrainedParams
-from aead.models.scoring import mean_and_peak_scale, shape_runs, take
-from aead.models.torch_model import FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, patch_features
+from aead.models.maps import image_scores
+from aead.models.scoring import SCALE_FLOOR, mean_and_peak_scale, shape_runs, take
+from aead.models.torch_model import (BrightnessModel, FeatureDiscriminator, PatchMemory, PretrainedPatchMemory,
+                                     patch_features)
 from aead.training.distributed import SINGLE, DistContext, gather_rows, process_device, shard
 from aead.training.loops import DiscriminatorStats, setup_compute, train_feature_discriminator
 
@@ -343,19 +348,55 @@ def finish_pretrained_bank(memory: PretrainedPatchMemory, streamed: StreamedBank
 
 
 @torch.inference_mode()
-def part_scales(memory: PretrainedPatchMemory, val_images: Images, device: torch.device, batch_size: int = 8
-                ) -> Tensor:
-    """(2, 2): the mean and peak scale (:func:`aead.models.scoring.mean_and_peak_scale`) of the nearest-patch distance map
-    and of the discriminator's map over defect-free ``val_images`` (uint8, at their working shapes), before the map
-    is smoothed (so ``pretrained.smooth_sigma`` stays a parameter of the scoring alone)."""
+def validation_scales(memory: PretrainedPatchMemory, val_images: Images, device: torch.device, batch_size: int = 8
+                      ) -> tuple[Tensor, Tensor | None]:
+    """From one pass over defect-free ``val_images`` (uint8, at their working shapes), before the map is smoothed (so
+    ``pretrained.smooth_sigma`` stays a parameter of the scoring alone): (2, 2) the mean and peak scale
+    (:func:`aead.models.scoring.mean_and_peak_scale`) of the nearest-patch distance map and of the discriminator's
+    map (rows of 0 and 1 for a part ``memory`` lacks); with a brightness model also (2, 2) the mean and standard
+    deviation of the features' map's and the brightness map's ``top1`` scores (on the first scales), else None."""
     if len(val_images) == 0:
         raise ValueError("the part scales need validation images")
     memory = memory.to(device).eval()
-    collected: list[list[Tensor]] = [[], []]
+    features = 1 + (memory.discriminator is not None)  # the features' parts come first, the brightness map last
+    collected: list[list[Tensor]] = [[], [], []]
     for x in _batches(val_images, batch_size, device):
         for i, amap in enumerate(memory.part_maps(x)):
-            collected[i].extend(amap.flatten(1).cpu())
-    return torch.stack([torch.stack(mean_and_peak_scale(c)) for c in collected]).float()
+            collected[i if i < features else 2].extend(amap.cpu())
+    scales = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    for i in range(features):
+        scales[i] = torch.stack(mean_and_peak_scale([m.flatten() for m in collected[i]])).float()
+    if memory.brightness is None:
+        return scales, None
+    part_scales = memory.part_scales.clone()
+    memory.part_scales.copy_(scales)
+    tops = []
+    for maps in ([memory.feature_map([collected[i][j][None] for i in range(features)])[0]
+                  for j in range(len(collected[0]))], collected[2]):
+        top = torch.stack([image_scores(m[None].float(), smooth_sigma=0.0)["top1"][0] for m in maps]).double()
+        spread = top.std() if len(top) > 1 else top.new_tensor(1.0)
+        tops.append(torch.stack([top.mean(), spread.clamp_min(SCALE_FLOOR)]))
+    memory.part_scales.copy_(part_scales)
+    return scales, torch.stack(tops).float()
+
+
+def part_scales(memory: PretrainedPatchMemory, val_images: Images, device: torch.device, batch_size: int = 8
+                ) -> Tensor:
+    """(2, 2): the mean and peak scale of the nearest-patch distance map and of the discriminator's map over
+    defect-free ``val_images`` (:func:`validation_scales`)."""
+    return validation_scales(memory, val_images, device, batch_size)[0]
+
+
+@torch.inference_mode()
+def fit_brightness(sigma: float, shape: Shape, load: Callable[[int, int], Images], n_images: int, chunk_images: int,
+                   batch_size: int, device: torch.device) -> BrightnessModel:
+    """A :class:`BrightnessModel` of ``sigma`` pixels on the cells of a working ``shape``, fitted on ``n_images``
+    training images read ``chunk_images`` at a time by ``load(start, stop)`` (uint8, at their working shapes)."""
+    model = BrightnessModel(sigma, BrightnessModel.grid_of(shape, sigma)).to(device)
+    cells = [model.cells(x).cpu() for start in range(0, n_images, chunk_images)
+             for x in _batches(load(start, min(n_images, start + chunk_images)), batch_size, device)]
+    model.fit(torch.cat(cells))
+    return model.cpu()
 
 
 def build_banks_and_save(params: Params, model_name: str, models_root: Path, out_dir: Path,
@@ -434,14 +475,16 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
     """The pretrained memory bank of every category (``pretrained.*``) over its training images, streamed from the
     prepared manifests at the category's working shape ``pretrained.chunk_images`` at a time (:func:`stream_bank`),
     with its feature discriminator and the part scales measured on the category's validation images
-    (``pretrained.discriminator_steps`` > 0), written into ``out_dir`` (replaced whole, atomically). Under ``torchrun``
+    (``pretrained.discriminator_steps`` > 0) and its brightness model (``pretrained.brightness_sigma`` > 0), written
+    into ``out_dir`` (replaced whole, atomically). Under ``torchrun``
     (``ctx``) every process streams its share of each category; the main process alone logs, finishes the banks and
     writes them, and returns the metrics (the others an empty dict)."""
     device = process_device(setup_compute(params.model), ctx)
     pre = params.pretrained
     prepared = Path(params.data.prepared_dir)
     train_split = read_manifest(prepared, "train")
-    val_split = read_manifest(prepared, "val") if pre.discriminator_steps else []
+    needs_val = bool(pre.discriminator_steps or pre.brightness_sigma)
+    val_split = read_manifest(prepared, "val") if needs_val else []
     empty = pretrained_memory(pre).eval()
     if not ctx.is_main:
         log = _quiet
@@ -454,10 +497,11 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
                 raise DataError(f"{prepared}/train.csv: no training images of category '{category}'; rerun "
                                 "prepare-split (dvc repro)")
             val_samples = [s for s in val_split if s.category == category]
-            if pre.discriminator_steps and not val_samples:
+            if needs_val and not val_samples:
                 raise DataError(f"{prepared}/val.csv: no validation images of category '{category}', which the "
-                                "pretrained map needs to put its discriminator and its bank on one scale; add good "
-                                "images, raise data.val_fraction, or set pretrained.discriminator_steps: 0")
+                                "pretrained map needs to put its parts (bank, discriminator, brightness) on one "
+                                "scale; add good images, raise data.val_fraction, or set "
+                                "pretrained.discriminator_steps: 0 and pretrained.brightness_sigma: 0")
             native = image_sizes(samples, f"{prepared}/train.csv")  # each header read once
             geometry = pretrained_geometry(empty, pre, native)
             shapes = [geometry.of(int(h), int(w)) for h, w in native]
@@ -502,18 +546,33 @@ def build_pretrained_banks_and_save(params: Params, out_dir: Path, log: Log = pr
             memory.index_bank(pre.search_dim, pre.search_candidates)
             record: dict[str, Any] = {"shape": list(geometry.shape), "working_shapes": sizes, **stats.to_dict()}
             if fitted is not None:
+                record.update({"discriminator_seconds": round(fitted.seconds, 2),
+                               "discriminator_final_loss": round(fitted.final_loss, 6)})
+            if pre.brightness_sigma:
+                start = time.perf_counter()
+                memory.brightness = fit_brightness(pre.brightness_sigma, geometry.shape, load, len(samples),
+                                                   pre.chunk_images, pre.batch_size, device)
+                record["brightness_seconds"] = round(time.perf_counter() - start, 2)
+                log(f"[{tag}] brightness model on {len(samples)} training images, {record['brightness_seconds']} s")
+            if needs_val:
                 start = time.perf_counter()
                 val_images = load_geometry(val_samples, geometry, with_masks=False)[0]
-                scales_t = part_scales(memory, val_images, device, pre.batch_size)
+                scales_t, fusion_t = validation_scales(memory, val_images, device, pre.batch_size)
                 with torch.inference_mode():
                     memory.part_scales.copy_(scales_t)
-                scales = memory.part_scales.tolist()
-                log(f"[{tag}] part scales on {len(val_samples)} validation images: bank mean {scales[0][0]:.4g} "
-                    f"scale {scales[0][1]:.4g}, discriminator mean {scales[1][0]:.4g} scale {scales[1][1]:.4g}")
-                record.update({"discriminator_seconds": round(fitted.seconds, 2),
-                               "discriminator_final_loss": round(fitted.final_loss, 6),
-                               "part_scales_seconds": round(time.perf_counter() - start, 2),
-                               "part_scales": [[round(v, 6) for v in row] for row in scales]})
+                    if fusion_t is not None:
+                        memory.fusion_scales.copy_(fusion_t)
+                scales, fusion = memory.part_scales.tolist(), memory.fusion_scales.tolist()
+                log(f"[{tag}] scales on {len(val_samples)} validation images: bank mean {scales[0][0]:.4g} "
+                    f"scale {scales[0][1]:.4g}" + (f", discriminator mean {scales[1][0]:.4g} scale {scales[1][1]:.4g}"
+                                                    if fitted is not None else "") +
+                    (f"; top-1 % scores: features {fusion[0][0]:.4g} +- {fusion[0][1]:.4g}, brightness "
+                     f"{fusion[1][0]:.4g} +- {fusion[1][1]:.4g}" if fusion_t is not None else ""))
+                record["part_scales_seconds"] = round(time.perf_counter() - start, 2)
+                if fitted is not None:
+                    record["part_scales"] = [[round(v, 6) for v in row] for row in scales]
+                if fusion_t is not None:
+                    record["fusion_scales"] = [[round(v, 6) for v in row] for row in fusion]
             save_pretrained_bank(tmp_dir / f"{category}.pt", memory.cpu(),
                                  {**dataclasses.asdict(pre), "shape": list(geometry.shape),
                                   "geometry": geometry.to_dict(), "categories": [category]})

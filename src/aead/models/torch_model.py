@@ -21,6 +21,11 @@ patch near the border is described by its mirrored surroundings instead of by th
 linear adaptor and a one-hidden-layer classifier, trained to tell the defect-free training patches' features from the
 same features plus Gaussian noise. A patch whose features lie off the defect-free manifold in any direction scores
 high even where its nearest stored patch is close, which finds thin and faint surface defects a bank misses.
+
+``BrightnessModel`` is a per-position Gaussian (PaDiM's, on one channel) of an image's relative brightness: the log of
+its gray level's local mean less the image's median of it, compared at each relative position with its mean over the
+training images, in units of its standard deviation there. It sees a smooth brightness change without an edge (uneven
+regions, shading defects), which ImageNet features barely do.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from aead.errors import ParamsError
+from aead.models.maps import blur_by_convolution
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -313,6 +319,64 @@ class FeatureDiscriminator(nn.Module):
         return -self.logits(self.adapt(f.permute(0, 2, 3, 1).reshape(-1, c))).reshape(n, 1, h, w)
 
 
+STD_FLOOR = 0.01  # a 1 % change of brightness (8-bit quantisation at mid-gray is 0.8 %) is at most one unit of the map
+
+
+class BrightnessModel(nn.Module):
+    """Where an image's brightness departs from the training images' at the same relative position.
+
+    :meth:`field` is the log of the gray level's local mean (Gaussian ``sigma`` pixels) less its median over the image,
+    so a brighter or darker exposure of the whole image changes nothing. ``mean`` and ``std`` (``grid``, cells of
+    ``sigma`` pixels of the category's working shape) are its mean and standard deviation over the training images
+    (:meth:`fit`), the standard deviation floored at its median over the cells and at :data:`STD_FLOOR`; both are
+    stretched over each image, whatever its size, and the map is ``|field - mean| / std``."""
+
+    def __init__(self, sigma: float, grid: tuple[int, int]) -> None:
+        super().__init__()
+        if sigma <= 0:
+            raise ParamsError(f"pretrained.brightness_sigma: expected a positive number of pixels, got {sigma}")
+        self.sigma = float(sigma)
+        self.register_buffer("mean", torch.zeros(grid))
+        self.register_buffer("std", torch.ones(grid))
+
+    @staticmethod
+    def grid_of(shape: tuple[int, int], sigma: float) -> tuple[int, int]:
+        """The cells of ``sigma`` pixels that cover a working ``shape`` (at least one per side)."""
+        return tuple(max(1, -(-int(side) // max(1, round(sigma)))) for side in shape)  # type: ignore[return-value]
+
+    def field(self, x: Tensor) -> Tensor:
+        """(N, 1, H, W) relative log brightness of float images ``x`` (N, 3, H, W) in [0, 1]."""
+        gray = x.mean(dim=1, keepdim=True)
+        # by 1-D convolutions at every size, as in an exported graph, so that both round alike
+        blurred = blur_by_convolution(gray, self.sigma)
+        local = torch.log(blurred + 8.0 / 255.0)
+        flat = local.flatten(1)
+        # the lower median, as the k-th largest value (k in integers: exportable like the top-1 % score)
+        k = flat.shape[1] - (flat.shape[1] - 1) // 2
+        median = flat.topk(k, dim=1).values[:, -1]
+        return local - median[:, None, None, None]
+
+    def cells(self, x: Tensor) -> Tensor:
+        """(N, *grid): the :meth:`field` of float images ``x`` (N, 3, H, W) averaged over each cell of the grid."""
+        return nn.functional.interpolate(self.field(x), size=tuple(self.mean.shape), mode="area")[:, 0]
+
+    @torch.no_grad()
+    def fit(self, cells: Tensor) -> None:
+        """Set ``mean`` and ``std`` from the training images' :meth:`cells` (N, *grid)."""
+        cells = cells.double()
+        mean = cells.mean(0)
+        std = cells.std(0) if cells.shape[0] > 1 else torch.ones_like(mean)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.maximum(std, std.median()).clamp_min(STD_FLOOR))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, H, W) map of float images ``x`` (N, 3, H, W) in [0, 1]."""
+        f = self.field(x)
+        mean, std = (nn.functional.interpolate(v[None, None], size=f.shape[-2:], mode="bilinear", align_corners=False)
+                     for v in (self.mean, self.std))
+        return ((f - mean).abs() / std)[:, 0]
+
+
 class PretrainedPatchMemory(nn.Module):
     """PatchCore (Roth et al., CVPR 2022) on a frozen ImageNet backbone: each chosen layer's output averaged over its
     ``neighbourhood`` x ``neighbourhood`` patches, the deeper layers bilinearly upsampled to the grid of the first
@@ -333,10 +397,16 @@ class PretrainedPatchMemory(nn.Module):
     by mirrored surroundings instead, at the cost of the padded pixels (0, the default, pads nothing).
 
     The bank is searched exactly (:func:`nearest_distance`) until :meth:`index_bank` gives it a two-stage search
-    (:func:`candidate_distance`: candidates ranked in the bank's principal subspace, re-ranked in all channels)."""
+    (:func:`candidate_distance`: candidates ranked in the bank's principal subspace, re-ranked in all channels).
+
+    With a ``brightness`` model (:class:`BrightnessModel`), the map is the larger, at each pixel, of the features' map
+    (the above) and the brightness map, each less the mean of its validation images' ``top1`` scores and divided by
+    their standard deviation (``fusion_scales``, (2, 2)): either part flags a pixel by itself, in units of how much
+    its own scores vary over defect-free images."""
 
     def __init__(self, backbone: nn.Module, layers: tuple[str, ...], neighbourhood: int, bank_size: int,
-                 channels: int, padding: int = 0, discriminator: FeatureDiscriminator | None = None) -> None:
+                 channels: int, padding: int = 0, discriminator: FeatureDiscriminator | None = None,
+                 brightness: BrightnessModel | None = None) -> None:
         super().__init__()
         strides = [backbone.stride(name) for name in layers]
         if padding < 0 or padding % max(strides):
@@ -350,6 +420,8 @@ class PretrainedPatchMemory(nn.Module):
         self.register_buffer("bank", torch.zeros(bank_size, channels))
         self.discriminator = discriminator
         self.register_buffer("part_scales", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        self.brightness = brightness
+        self.register_buffer("fusion_scales", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         self.search_candidates = 0
         self.register_buffer("search_mean", torch.zeros(channels))
         self.register_buffer("search_projection", torch.zeros(channels, 0))
@@ -402,23 +474,38 @@ class PretrainedPatchMemory(nn.Module):
         return f
 
     def part_maps(self, x: Tensor) -> list[Tensor]:
-        """The (N, H, W) maps of ``x`` upsampled to the image: nearest-patch distances, and with a discriminator its
-        scores; fp32, also under autocast."""
+        """The (N, H, W) maps of ``x`` upsampled to the image: nearest-patch distances, with a discriminator its
+        scores, with a brightness model its map; fp32, also under autocast."""
         n, _, h, w = x.shape
         with torch.autocast(x.device.type, enabled=False):
-            f = self.features(x.float())
+            x = x.float()
+            f = self.features(x)
             grids = [self.nearest(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])).reshape(
                 n, 1, f.shape[-2], f.shape[-1])]
             if self.discriminator is not None:
                 grids.append(self.discriminator(f))
-            return [nn.functional.interpolate(g, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+            maps = [nn.functional.interpolate(g, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
                     for g in grids]
+            if self.brightness is not None:
+                maps.append(self.brightness(x))
+            return maps
+
+    def feature_map(self, parts: list[Tensor]) -> Tensor:
+        """The features' map from :meth:`part_maps`: the nearest-patch distances, or with a discriminator the sum of
+        both on their validation scales."""
+        features = parts[: 1 + (self.discriminator is not None)]
+        return features[0] if len(features) == 1 else sum_on_scales(features, self.part_scales)
 
     def distance_map(self, x: Tensor) -> Tensor:
-        """(N, H, W) anomaly map of ``x``: the nearest-patch distances, or with a discriminator the sum of both
-        parts on their validation scales; upsampled to the image, fp32, also under autocast."""
+        """(N, H, W) anomaly map of ``x``: the features' map (:meth:`feature_map`), with a brightness model the
+        larger of it and the brightness map on their validation scales; upsampled to the image, fp32, also under
+        autocast."""
         parts = self.part_maps(x)
-        return parts[0] if len(parts) == 1 else sum_on_scales(parts, self.part_scales)
+        features = self.feature_map(parts)
+        if self.brightness is None:
+            return features
+        s = self.fusion_scales
+        return torch.maximum((features - s[0, 0]) / s[0, 1], (parts[-1] - s[1, 0]) / s[1, 1])
 
 
 def sum_on_scales(part_maps: list[Tensor], scales: Tensor) -> Tensor:

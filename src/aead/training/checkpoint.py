@@ -21,7 +21,7 @@ from torch import nn
 from aead import io
 from aead.models.backbones import build_backbone
 from aead.errors import CheckpointError
-from aead.models.torch_model import (FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head,
+from aead.models.torch_model import (BrightnessModel, FeatureDiscriminator, PatchMemory, PretrainedPatchMemory, SegmentationHead, build_head,
                               build_model)
 
 FORMAT_VERSION = 2
@@ -135,34 +135,41 @@ def load_encoder_bank(path: str | Path, device: torch.device | str = "cpu") -> P
 
 
 def save_pretrained_bank(path: str | Path, memory: PretrainedPatchMemory, meta: dict[str, Any]) -> None:
-    """Write a pretrained memory bank, with its feature discriminator and part scales if it has one (the backbone is
-    not written: it is rebuilt from its package when loaded). ``meta`` must hold backbone, layers, neighbourhood and
-    the working ``shape`` (height, width)."""
-    disc = memory.discriminator
+    """Write a pretrained memory bank, with its feature discriminator and part scales if it has one and its brightness
+    model and fusion scales if it has one (the backbone is not written: it is rebuilt from its package when loaded).
+    ``meta`` must hold backbone, layers, neighbourhood and the working ``shape`` (height, width)."""
+    disc, bright = memory.discriminator, memory.brightness
     meta = {**meta, "bank_size": int(memory.bank.shape[0]), "channels": int(memory.bank.shape[1]),
             "border_padding": memory.padding, "discriminator": 0 if disc is None else int(disc.hidden.out_features),
-            "search_dim": int(memory.search_projection.shape[1]), "search_candidates": memory.search_candidates}
+            "search_dim": int(memory.search_projection.shape[1]), "search_candidates": memory.search_candidates,
+            "brightness_grid": [] if bright is None else list(bright.mean.shape),
+            "brightness_sigma_px": 0.0 if bright is None else bright.sigma}
     state = {"bank": memory.bank}
     if memory.search_candidates:
         state.update({"search_mean": memory.search_mean, "search_projection": memory.search_projection})
     if disc is not None:
         state.update({"part_scales": memory.part_scales,
                       **{f"discriminator.{k}": v for k, v in disc.state_dict().items()}})
+    if bright is not None:
+        state.update({"fusion_scales": memory.fusion_scales, "brightness.mean": bright.mean,
+                      "brightness.std": bright.std})
     _save(path, "pretrained_bank", meta, state, ("backbone", "layers", "neighbourhood", "shape"))
 
 
 def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
                          ) -> tuple[PretrainedPatchMemory, dict[str, Any]]:
-    """The pretrained memory (backbone with its packaged weights, the bank, and the discriminator with the part
-    scales if it was trained with one) and its metadata."""
+    """The pretrained memory (backbone with its packaged weights, the bank, the discriminator with the part scales
+    and the brightness model with the fusion scales if it was built with them) and its metadata."""
     raw = _load(path, "pretrained_bank", device)
     meta = raw["meta"]
     hidden = int(meta.get("discriminator", 0))
     channels = int(meta["channels"])
     disc = FeatureDiscriminator(channels, hidden) if hidden else None
+    grid = tuple(int(v) for v in meta.get("brightness_grid", []))
+    bright = BrightnessModel(float(meta["brightness_sigma_px"]), grid) if grid else None  # type: ignore[arg-type]
     memory = PretrainedPatchMemory(build_backbone(meta["backbone"]), tuple(meta["layers"]),
                                    int(meta["neighbourhood"]), int(meta["bank_size"]), channels,
-                                   int(meta["border_padding"]), disc)
+                                   int(meta["border_padding"]), disc, bright)
     state = raw["state_dict"]
     try:
         memory.bank.copy_(state["bank"])
@@ -173,6 +180,10 @@ def load_pretrained_bank(path: str | Path, device: torch.device | str = "cpu"
             memory.part_scales.copy_(state["part_scales"])
             disc.load_state_dict({k.removeprefix("discriminator."): v for k, v in state.items()
                                   if k.startswith("discriminator.")})
+        if bright is not None:
+            memory.fusion_scales.copy_(state["fusion_scales"])
+            bright.mean.copy_(state["brightness.mean"])
+            bright.std.copy_(state["brightness.std"])
     except (KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: memory bank does not fit its recorded shape: {err}") from err
     return memory.to(device).eval(), meta

@@ -111,10 +111,10 @@ def _blur_conv(x: torch.Tensor, k: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def blur_by_convolution(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: str = "reflect") -> torch.Tensor:
-    """:func:`gaussian_blur` of (N, C, H, W) ``x`` by 1-D convolutions at every size (the path of symbolic sizes), so
-    that a graph exported with symbolic sizes rounds as the eager module does."""
+    """:func:`gaussian_blur` of the last two axes of ``x`` by 1-D convolutions at every size (its path for large and
+    symbolic sizes), so that a graph exported with symbolic sizes rounds as the eager module does."""
     k = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
-    n, c, h, w = x.shape
+    h, w = x.shape[-2], x.shape[-1]
     return _blur_conv(x.reshape(-1, 1, h, w), k, mode).reshape(x.shape)
 
 
@@ -138,8 +138,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 4.0, mode: st
         mh = blur_matrix(h, sigma, truncate, mode, dtype=x.dtype, device=x.device)
         mw = mh if w == h else blur_matrix(w, sigma, truncate, mode, dtype=x.dtype, device=x.device)
         return torch.matmul(torch.matmul(mh, x), mw.T)
-    k = gaussian_kernel1d(sigma, truncate, dtype=x.dtype, device=x.device)
-    return _blur_conv(x.reshape(-1, 1, h, w), k, mode).reshape(x.shape)
+    return blur_by_convolution(x, sigma, truncate, mode)
 
 
 def ssim_window_radius(window_sigma: float = 1.5, truncate: float = 3.5) -> int:

@@ -368,15 +368,12 @@ def validation_scales(memory: PretrainedPatchMemory, val_images: Images, device:
         scales[i] = torch.stack(mean_and_peak_scale([m.flatten() for m in collected[i]])).float()
     if memory.brightness is None:
         return scales, None
-    part_scales = memory.part_scales.clone()
-    memory.part_scales.copy_(scales)
+    feature_maps = [memory.feature_map([c[j] for c in collected[:features]], scales) for j in range(len(collected[0]))]
     tops = []
-    for maps in ([memory.feature_map([collected[i][j][None] for i in range(features)])[0]
-                  for j in range(len(collected[0]))], collected[2]):
+    for maps in (feature_maps, collected[2]):
         top = torch.stack([image_scores(m[None].float(), smooth_sigma=0.0)["top1"][0] for m in maps]).double()
         spread = top.std() if len(top) > 1 else top.new_tensor(1.0)
         tops.append(torch.stack([top.mean(), spread.clamp_min(SCALE_FLOOR)]))
-    memory.part_scales.copy_(part_scales)
     return scales, torch.stack(tops).float()
 
 

@@ -490,11 +490,13 @@ class PretrainedPatchMemory(nn.Module):
                 maps.append(self.brightness(x))
             return maps
 
-    def feature_map(self, parts: list[Tensor]) -> Tensor:
+    def feature_map(self, parts: list[Tensor], scales: Tensor | None = None) -> Tensor:
         """The features' map from :meth:`part_maps`: the nearest-patch distances, or with a discriminator the sum of
-        both on their validation scales."""
+        both on their validation scales (``scales``, by default :attr:`part_scales`)."""
         features = parts[: 1 + (self.discriminator is not None)]
-        return features[0] if len(features) == 1 else sum_on_scales(features, self.part_scales)
+        if len(features) == 1:
+            return features[0]
+        return sum_on_scales(features, self.part_scales if scales is None else scales)
 
     def distance_map(self, x: Tensor) -> Tensor:
         """(N, H, W) anomaly map of ``x``: the features' map (:meth:`feature_map`), with a brightness model the
